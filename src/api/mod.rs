@@ -1,0 +1,86 @@
+//! The HTTP API: one axum router for ingest, reads and health.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::model::id_from_key;
+use crate::pipeline::AuditLogger;
+use crate::store::Store;
+
+mod error;
+
+pub use error::{ApiError, ErrorBody};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Where ingested records go.
+    pub logger: AuditLogger,
+    /// Where reads come from.
+    pub store: Arc<dyn Store>,
+    /// The configuration the server runs with.
+    pub config: Arc<Config>,
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/interactions", post(crate::ingest::http::post_interactions))
+        .route("/api/v1/interactions/{interaction_id}", get(get_interaction))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the database answers and every migration is applied.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let queued = app.logger.queue_len();
+    match tokio::time::timeout(Duration::from_secs(3), app.store.readiness()).await {
+        Ok(Ok(r)) if r.is_ready() => (StatusCode::OK, Json(json!({ "status": "ready", "queued": queued }))).into_response(),
+        Ok(Ok(r)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "migrations_pending",
+                "pending_migrations": r.pending_migrations,
+                "hint": "run `opsagent-audit migrate`",
+            })),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "database_unavailable", "error": e.to_string(), "queued": queued })),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "database_unavailable", "error": "no answer within 3s", "queued": queued })),
+        )
+            .into_response(),
+    }
+}
+
+/// One interaction in full.
+async fn get_interaction(State(app): State<AppState>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let record = app.store.get_interaction(id_from_key(&key)).await?;
+    Ok(Json(record).into_response())
+}

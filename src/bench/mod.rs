@@ -1,0 +1,325 @@
+//! `bench ingest`: the standard workload through the real pipeline, and the same rows
+//! loaded with plain PostgreSQL `COPY` into a fresh schema in the same run, as the
+//! baseline. The last line printed is machine-readable:
+//! `ingest_per_s=… copy_per_s=… ratio=…` (SQLite: `ingest_per_s=…` only).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Executor};
+
+use crate::config::{Config, LimitsConfig};
+use crate::model::Interaction;
+use crate::pipeline::AuditLogger;
+use crate::store::{Backend, Store};
+
+pub mod workload;
+
+pub use workload::{payload_bytes, Workload};
+
+/// Options of `bench ingest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestBenchArgs {
+    /// Interactions to send.
+    #[arg(long, default_value_t = 20_000)]
+    pub records: u64,
+    /// Seed of the workload's content.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Writers (default: audit.async.workers).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Records per transaction (default: audit.async.batch_size).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Skip the COPY baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    /// Interactions written.
+    pub records: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Payload bytes written.
+    pub bytes: u64,
+    /// Enqueue→commit latency percentiles (pipeline only), microseconds.
+    pub p50_us: Option<u64>,
+    /// See `p50_us`.
+    pub p99_us: Option<u64>,
+    /// Peak resident memory of the process after the phase, bytes.
+    pub peak_rss: Option<u64>,
+}
+
+impl PhaseResult {
+    /// Interactions per second.
+    pub fn per_second(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Peak resident set size of this process. Read from `/proc` (Linux) rather than a
+/// crate: one line of one file, and absent elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the benchmark and prints its table to stdout.
+pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Result<()> {
+    let url = config.database.resolved_url()?;
+    let store = crate::cli::open_store(config).await?;
+    store.migrate().await.context("migrating the benchmark database")?;
+    let mut pipeline_config = config.pipeline.clone();
+    if let Some(w) = args.workers {
+        pipeline_config.workers = w;
+    }
+    if let Some(b) = args.batch_size {
+        pipeline_config.batch_size = b;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "opsagent-audit bench ingest: {} interactions, seed {}, {:?} (workers {}, batch {}, queue {})",
+        args.records,
+        args.seed,
+        store.backend(),
+        pipeline_config.workers,
+        pipeline_config.batch_size,
+        pipeline_config.queue_size
+    )?;
+    out.flush()?;
+
+    let pipeline = run_pipeline(store.clone(), &pipeline_config, &config.limits, &args).await?;
+    let baseline = if store.backend() == Backend::Postgres && !args.no_baseline {
+        Some(run_copy_baseline(&url, &args).await?)
+    } else {
+        None
+    };
+    store.close().await;
+
+    let mut table = String::new();
+    writeln!(table, "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}", "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB")?;
+    for (name, r) in [("pipeline", Some(&pipeline)), ("copy", baseline.as_ref())] {
+        let Some(r) = r else { continue };
+        let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
+        writeln!(
+            table,
+            "{:<10} {:>9} {:>9.2} {:>11.0} {:>8.1} {:>9} {:>9} {:>12}",
+            name,
+            r.records,
+            r.elapsed.as_secs_f64(),
+            r.per_second(),
+            r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9),
+            ms(r.p50_us),
+            ms(r.p99_us),
+            r.peak_rss.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+        )?;
+    }
+    write!(out, "{table}")?;
+    match baseline {
+        Some(b) => writeln!(
+            out,
+            "ingest_per_s={:.0} copy_per_s={:.0} ratio={:.2}",
+            pipeline.per_second(),
+            b.per_second(),
+            pipeline.per_second() / b.per_second()
+        )?,
+        None => writeln!(out, "ingest_per_s={:.0}", pipeline.per_second())?,
+    }
+    Ok(())
+}
+
+async fn run_pipeline(
+    store: Arc<dyn Store>,
+    pipeline_config: &crate::config::AsyncConfig,
+    limits: &LimitsConfig,
+    args: &IngestBenchArgs,
+) -> anyhow::Result<PhaseResult> {
+    let before = store.count_interactions().await?;
+    let mut workload = Workload::new(args.seed);
+    let logger = AuditLogger::start(store.clone(), pipeline_config, limits);
+    // Pace the producer so the benchmark measures the writers, not the drop policy.
+    let high_water = (pipeline_config.queue_size / 2).max(pipeline_config.batch_size);
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    for i in 0..args.records {
+        let record = workload.record(i);
+        bytes += payload_bytes(&record) as u64;
+        while logger.queue_len() >= high_water {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        logger.log(record);
+    }
+    let report = logger.shutdown(Duration::from_secs(3600)).await;
+    let elapsed = started.elapsed();
+    let stats = logger.stats();
+    let after = store.count_interactions().await?;
+    ensure!(
+        report.stats.dropped_total() == 0 && after - before == args.records,
+        "pipeline lost records: {} sent, {} stored, {} dropped",
+        args.records,
+        after - before,
+        report.stats.dropped_total()
+    );
+    Ok(PhaseResult {
+        records: args.records,
+        elapsed,
+        bytes,
+        p50_us: Some(stats.latency_quantile_us(0.5)),
+        p99_us: Some(stats.latency_quantile_us(0.99)),
+        peak_rss: peak_rss_bytes(),
+    })
+}
+
+/// Loads the same workload with `COPY` into a fresh schema made by the same migration,
+/// in one transaction, then drops the schema.
+async fn run_copy_baseline(url: &str, args: &IngestBenchArgs) -> anyhow::Result<PhaseResult> {
+    let mut conn = PgConnection::connect(url).await.context("connecting for the COPY baseline")?;
+    let schema = format!("bench_copy_{}", uuid::Uuid::new_v4().simple());
+    conn.execute(format!("CREATE SCHEMA {schema}").as_str()).await?;
+    conn.execute(format!("SET search_path TO {schema}").as_str()).await?;
+    let schema_sql = crate::store::postgres::MIGRATOR
+        .iter()
+        .map(|m| m.sql.to_string())
+        .collect::<Vec<_>>()
+        .join(";\n");
+    sqlx::raw_sql(&schema_sql).execute(&mut conn).await.context("creating the baseline schema")?;
+
+    let result = copy_all(&mut conn, args).await;
+    conn.execute(format!("DROP SCHEMA {schema} CASCADE").as_str()).await?;
+    conn.close().await?;
+    result
+}
+
+async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Result<PhaseResult> {
+    const CHUNK: u64 = 5_000;
+    let mut workload = Workload::new(args.seed);
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    let mut tx = conn.begin().await?;
+    let mut seen_sessions = std::collections::HashSet::new();
+    let mut next = 0u64;
+    while next < args.records {
+        let end = (next + CHUNK).min(args.records);
+        let records: Vec<Interaction> = (next..end).map(|i| workload.record(i)).collect();
+        next = end;
+        bytes += records.iter().map(|r| payload_bytes(r) as u64).sum::<u64>();
+        let mut tables: [String; 5] = Default::default();
+        for r in &records {
+            if seen_sessions.insert(r.session_id) {
+                copy_row(&mut tables[0], &[Some(&r.session_id.to_string()), r.user_id.as_deref(), r.client_ip.as_deref(), r.user_agent.as_deref(), Some(&r.created_at.to_rfc3339())]);
+            }
+            let id = r.interaction_id.to_string();
+            let at = r.created_at.to_rfc3339();
+            let num = |v: Option<i64>| v.map(|v| v.to_string());
+            copy_row(
+                &mut tables[1],
+                &[
+                    Some(&id),
+                    Some(&r.session_id.to_string()),
+                    r.user_id.as_deref(),
+                    r.endpoint.as_deref(),
+                    Some(&r.question),
+                    r.model_name.as_deref(),
+                    r.provider.as_deref(),
+                    r.base_url.as_deref(),
+                    r.cluster.as_deref(),
+                    r.final_answer.as_deref(),
+                    Some(r.status.as_str()),
+                    r.error.as_deref(),
+                    num(r.http_status.map(i64::from)).as_deref(),
+                    Some(&at),
+                    num(r.total_duration_ms).as_deref(),
+                    num(r.assistant_duration_ms).as_deref(),
+                    num(r.parse_duration_ms).as_deref(),
+                    num(r.input_tokens).as_deref(),
+                    num(r.output_tokens).as_deref(),
+                    Some(&serde_json::Value::Object(r.attributes.clone()).to_string()),
+                ],
+            );
+            for t in &r.thoughts {
+                copy_row(&mut tables[2], &[Some(&id), Some(&t.content), Some(&t.sequence_number.to_string()), Some(&at)]);
+            }
+            for c in &r.tool_calls {
+                copy_row(
+                    &mut tables[3],
+                    &[
+                        Some(&id),
+                        Some(&c.tool_name),
+                        Some(&c.tool_input),
+                        c.tool_observation.as_deref(),
+                        Some(&c.sequence_number.to_string()),
+                        num(c.duration_ms).as_deref(),
+                        num(c.thought_sequence_number.map(i64::from)).as_deref(),
+                        c.error.as_deref(),
+                        Some(&at),
+                    ],
+                );
+            }
+            for (name, ms) in &r.metrics {
+                copy_row(&mut tables[4], &[Some(&id), Some(name), Some(&ms.to_string()), Some(&at)]);
+            }
+        }
+        let statements = [
+            "COPY sessions (session_id, user_id, client_ip, user_agent, created_at) FROM STDIN",
+            "COPY interactions (interaction_id, session_id, user_id, endpoint, question, model_name, provider, base_url, cluster, final_answer, status, error, http_status, created_at, total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens, attributes) FROM STDIN",
+            "COPY thoughts (interaction_id, thought, sequence_number, created_at) FROM STDIN",
+            "COPY tool_calls (interaction_id, tool_name, tool_input, tool_observation, sequence_number, duration_ms, thought_sequence_number, error, created_at) FROM STDIN",
+            "COPY performance_metrics (interaction_id, metric_name, duration_ms, created_at) FROM STDIN",
+        ];
+        for (statement, data) in statements.iter().zip(tables) {
+            if data.is_empty() {
+                continue;
+            }
+            let mut copy = tx.copy_in_raw(statement).await?;
+            copy.send(data.into_bytes()).await?;
+            copy.finish().await?;
+        }
+    }
+    tx.commit().await?;
+    let elapsed = started.elapsed();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&mut *conn).await?;
+    ensure!(stored as u64 == args.records, "COPY baseline stored {stored} of {} rows", args.records);
+    Ok(PhaseResult {
+        records: args.records,
+        elapsed,
+        bytes,
+        p50_us: None,
+        p99_us: None,
+        peak_rss: None,
+    })
+}
+
+/// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
+fn copy_row(out: &mut String, fields: &[Option<&str>]) {
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push('\t');
+        }
+        match field {
+            None => out.push_str("\\N"),
+            Some(text) => {
+                for ch in text.chars() {
+                    match ch {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+    out.push('\n');
+}

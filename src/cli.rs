@@ -1,0 +1,195 @@
+//! The command line: `serve`, `migrate`, `show`, `bench ingest`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::api::{router, AppState};
+use crate::config::{redact_url, CliOverrides, Config, LogFormat};
+use crate::model::id_from_key;
+use crate::pipeline::AuditLogger;
+use crate::store::{self, Store};
+
+/// The audit log for LLM operations agents.
+#[derive(Debug, Parser)]
+#[command(name = "opsagent-audit", version, about)]
+pub struct Cli {
+    /// YAML configuration file (its `audit:` section is read).
+    #[arg(long, global = true, env = "AUDIT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Database: postgres://… or sqlite://PATH [default: sqlite://opsagent-audit.db].
+    #[arg(long, global = true, env = "AUDIT_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, env = "AUDIT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (ingest API, reads, health).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print one interaction as JSON.
+    Show {
+        /// The interaction's id.
+        interaction_id: String,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8427].
+    #[arg(long, env = "AUDIT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Do not apply migrations at start-up.
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Allow listening beyond loopback without API tokens.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// `bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Push the standard workload through the pipeline and compare with plain COPY.
+    Ingest(crate::bench::IngestBenchArgs),
+}
+
+impl Cli {
+    /// Loads the configuration these arguments point at.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        let listen = match &self.command {
+            Command::Serve(args) => args.listen,
+            _ => None,
+        };
+        let overrides = CliOverrides {
+            database_url: self.database_url.clone(),
+            listen,
+        };
+        let mut config = Config::load(self.config.as_deref(), &overrides).context("loading configuration")?;
+        if let Some(format) = self.log_format {
+            config.server.log_format = format;
+        }
+        Ok(config)
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(config, args).await,
+        Command::Migrate => {
+            let store = open_store(&config).await?;
+            store.migrate().await.context("applying migrations")?;
+            tracing::info!("migrations applied");
+            store.close().await;
+            Ok(())
+        }
+        Command::Show { interaction_id } => {
+            let store = open_store(&config).await?;
+            let record = store
+                .get_interaction(id_from_key(&interaction_id))
+                .await
+                .with_context(|| format!("reading interaction {interaction_id}"))?;
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &record)?;
+            writeln!(out)?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Ingest(args)) => crate::bench::run_ingest(&config, args).await,
+    }
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = config.database.resolved_url()?;
+    store::connect(&url, &config.database)
+        .await
+        .with_context(|| format!("opening database {}", redact_url(&url)))
+}
+
+async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    if !listen.ip().is_loopback() && !args.insecure {
+        bail!(
+            "refusing to listen on {listen}: beyond loopback the API must be protected by tokens, \
+             which are not configured; listen on 127.0.0.1 or pass --insecure"
+        );
+    }
+    let store = open_store(&config).await?;
+    if config.database.migrate_on_start && !args.no_migrate {
+        store
+            .migrate()
+            .await
+            .context("applying migrations at start-up (is the database reachable? --no-migrate skips this)")?;
+    }
+    let logger = if config.enabled {
+        AuditLogger::start(store.clone(), &config.pipeline, &config.limits)
+    } else {
+        tracing::warn!("audit.enabled is false: the ingest API refuses records");
+        AuditLogger::disabled()
+    };
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, database = %redact_url(&config.database.resolved_url()?), "opsagent-audit listening");
+    let shutdown_timeout = config.pipeline.shutdown_timeout;
+    let state = AppState {
+        logger: logger.clone(),
+        store: store.clone(),
+        config: Arc::new(config),
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("stopped accepting requests; draining the audit pipeline");
+    let report = logger.shutdown(shutdown_timeout).await;
+    store.close().await;
+    if !report.drained {
+        tracing::error!(abandoned = report.abandoned, "shutdown could not write every record before its deadline");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,714 @@
+//! Configuration: the seed's `audit:` YAML section, read unchanged, plus the keys this
+//! product adds, `AUDIT_…` environment overrides and command-line flags.
+//!
+//! Precedence, lowest first: built-in defaults, the YAML file, environment variables, CLI
+//! flags. The YAML file may be a whole OpsAgent `config.yaml`: only its `audit:` section is
+//! read, but inside it every key must be known, so a typo is a start-up error naming the
+//! key instead of a setting silently ignored.
+//!
+//! Every leaf key `audit.a.b_c` can be set from the environment as `AUDIT_A_B_C`; values
+//! are read as YAML scalars, so `AUDIT_ASYNC_WORKERS=4` is a number. Secrets (the database
+//! password) may come from the environment or a file and are redacted in every `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+/// The database used when nothing is configured: an embedded SQLite file.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://opsagent-audit.db";
+/// The address `serve` listens on when nothing is configured.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8427";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The file is not YAML.
+    #[error("config file {path} is not valid YAML: {source}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: serde_yaml_ng::Error,
+    },
+    /// A key is unknown or its value has the wrong type.
+    #[error("invalid configuration key `{key}`{origin}: {message}")]
+    Key {
+        /// Dotted path of the key, e.g. `audit.async.workers`.
+        key: String,
+        /// Where the value came from, e.g. ` (from AUDIT_ASYNC_WORKERS)`.
+        origin: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A secret file could not be read.
+    #[error("cannot read {what} from {path}: {source}")]
+    SecretFile {
+        /// Which secret.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// The whole configuration file; only `audit:` is ours, everything else is ignored.
+#[derive(Debug, Default, Deserialize)]
+struct FileRoot {
+    #[serde(default)]
+    audit: Option<Value>,
+}
+
+/// The `audit:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// When false, capture is a cheap no-op and the ingest API refuses records.
+    pub enabled: bool,
+    /// Where records are stored.
+    pub database: DatabaseConfig,
+    /// The asynchronous pipeline.
+    #[serde(rename = "async")]
+    pub pipeline: AsyncConfig,
+    /// How long records are kept.
+    pub retention: RetentionConfig,
+    /// The HTTP server.
+    pub server: ServerConfig,
+    /// Size limits on what is accepted.
+    pub limits: LimitsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            enabled: true,
+            database: DatabaseConfig::default(),
+            pipeline: AsyncConfig::default(),
+            retention: RetentionConfig::default(),
+            server: ServerConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// `audit.database`: the seed's connection keys, or one `url`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Full URL (`postgres://…` or `sqlite://PATH`); wins over the separate keys.
+    pub url: Option<String>,
+    /// `postgres` or `sqlite` (the seed's key).
+    pub driver: Option<String>,
+    /// PostgreSQL host.
+    pub host: Option<String>,
+    /// PostgreSQL port.
+    pub port: Option<u16>,
+    /// PostgreSQL user.
+    pub user: Option<String>,
+    /// Password. Prefer `AUDIT_DATABASE_PASSWORD` or `password_file`.
+    pub password: Option<String>,
+    /// File holding the password (e.g. a mounted Kubernetes Secret).
+    pub password_file: Option<PathBuf>,
+    /// Database name.
+    pub dbname: Option<String>,
+    /// `disable`, `prefer`, `require`, `verify-ca` or `verify-full`.
+    pub sslmode: Option<String>,
+    /// Largest number of open connections.
+    pub max_open_conns: u32,
+    /// Accepted for the seed's configs; sqlx's pool closes idle connections by timeout.
+    pub max_idle_conns: u32,
+    /// Connections are recycled after this long (`1h`, `30m`, …).
+    #[serde(with = "humantime_serde_opt")]
+    pub conn_max_lifetime: Option<Duration>,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            driver: None,
+            host: None,
+            port: None,
+            user: None,
+            password: None,
+            password_file: None,
+            dbname: None,
+            sslmode: None,
+            max_open_conns: 10,
+            max_idle_conns: 5,
+            conn_max_lifetime: Some(Duration::from_secs(3600)),
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("driver", &self.driver)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("password_file", &self.password_file)
+            .field("dbname", &self.dbname)
+            .field("sslmode", &self.sslmode)
+            .field("max_open_conns", &self.max_open_conns)
+            .field("max_idle_conns", &self.max_idle_conns)
+            .field("conn_max_lifetime", &self.conn_max_lifetime)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// The URL to connect to: `url` if set, else one built from the seed's keys, else the
+    /// embedded SQLite default. The password comes from `password`, else `password_file`.
+    pub fn resolved_url(&self) -> Result<String, ConfigError> {
+        if let Some(url) = &self.url {
+            return Ok(url.clone());
+        }
+        let driver = self.driver.as_deref().unwrap_or(if self.host.is_some() { "postgres" } else { "sqlite" });
+        match driver {
+            "postgres" | "postgresql" | "pgx" => {
+                let password = match (&self.password, &self.password_file) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Some(path)) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(|source| ConfigError::SecretFile {
+                                what: "database password",
+                                path: path.clone(),
+                                source,
+                            })?
+                            .trim_end_matches(['\r', '\n'])
+                            .to_string(),
+                    ),
+                    (None, None) => None,
+                };
+                let user = self.user.as_deref().unwrap_or("postgres");
+                let auth = match password {
+                    Some(p) => format!("{}:{}@", percent_encode(user), percent_encode(&p)),
+                    None => format!("{}@", percent_encode(user)),
+                };
+                Ok(format!(
+                    "postgres://{auth}{}:{}/{}?sslmode={}",
+                    self.host.as_deref().unwrap_or("localhost"),
+                    self.port.unwrap_or(5432),
+                    self.dbname.as_deref().unwrap_or("opsagent"),
+                    self.sslmode.as_deref().unwrap_or("prefer"),
+                ))
+            }
+            "sqlite" | "sqlite3" => Ok(match &self.dbname {
+                Some(name) => format!("sqlite://{name}"),
+                None => DEFAULT_DATABASE_URL.to_string(),
+            }),
+            other => Err(ConfigError::Key {
+                key: "audit.database.driver".into(),
+                origin: String::new(),
+                message: format!("unknown driver `{other}`, expected `postgres` or `sqlite`"),
+            }),
+        }
+    }
+}
+
+/// `audit.async`: the pipeline between capture and the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsyncConfig {
+    /// Concurrent batch writers.
+    pub workers: usize,
+    /// Records held in memory before the oldest is dropped.
+    pub queue_size: usize,
+    /// Records per database transaction.
+    pub batch_size: usize,
+    /// A partial batch is written after this long.
+    pub batch_interval_ms: u64,
+    /// How long shutdown may take to drain the queue into the database.
+    #[serde(with = "humantime_serde_req")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        AsyncConfig {
+            workers: 2,
+            queue_size: 50_000,
+            batch_size: 500,
+            batch_interval_ms: 200,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `audit.retention`: the seed's keys (applied by the retention command).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days to keep records; 0 keeps them forever.
+    pub days: u32,
+    /// Delete expired records automatically.
+    pub auto_cleanup: bool,
+    /// Local time of day (`HH:MM`) for the automatic clean-up.
+    pub cleanup_time: String,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            days: 90,
+            auto_cleanup: false,
+            cleanup_time: "03:00".into(),
+        }
+    }
+}
+
+/// `audit.server`: the HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("default listen address is valid"),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `audit.limits`: bounds on what one request or record may carry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted by the ingest API (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most records in one ingest request.
+    pub max_records_per_request: usize,
+    /// Text fields longer than this are truncated with a visible marker.
+    pub max_field_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_records_per_request: 10_000,
+            max_field_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Overrides given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct CliOverrides {
+    /// `--database-url`.
+    pub database_url: Option<String>,
+    /// `serve --listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads defaults, then `path` (if any), then the process environment, then `cli`.
+    pub fn load(path: Option<&Path>, cli: &CliOverrides) -> Result<Config, ConfigError> {
+        Self::load_from(path, std::env::vars(), cli)
+    }
+
+    /// [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        cli: &CliOverrides,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let root: FileRoot = serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                match root.audit {
+                    None | Some(Value::Null) => Value::Mapping(Default::default()),
+                    Some(v) => v,
+                }
+            }
+            None => Value::Mapping(Default::default()),
+        };
+        let origins = apply_env(&mut tree, env)?;
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = yaml_key_of(&e);
+            ConfigError::Key {
+                origin: origins.get(&key).map(|v| format!(" (from {v})")).unwrap_or_default(),
+                message: e.inner().to_string(),
+                key,
+            }
+        })?;
+        if let Some(url) = &cli.database_url {
+            config.database.url = Some(url.clone());
+        }
+        if let Some(listen) = cli.listen {
+            config.server.listen = listen;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::Key {
+                    key: format!("audit.{key}"),
+                    origin: String::new(),
+                    message: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("async.workers", self.pipeline.workers as u64)?;
+        positive("async.queue_size", self.pipeline.queue_size as u64)?;
+        positive("async.batch_size", self.pipeline.batch_size as u64)?;
+        positive("async.batch_interval_ms", self.pipeline.batch_interval_ms)?;
+        positive("database.max_open_conns", u64::from(self.database.max_open_conns))?;
+        positive("limits.max_body_bytes", self.limits.max_body_bytes as u64)?;
+        positive("limits.max_records_per_request", self.limits.max_records_per_request as u64)?;
+        positive("limits.max_field_bytes", self.limits.max_field_bytes as u64)?;
+        let t = &self.retention.cleanup_time;
+        let valid_time = t
+            .split_once(':')
+            .and_then(|(h, m)| Some((h.parse::<u8>().ok()?, m.parse::<u8>().ok()?)))
+            .is_some_and(|(h, m)| h < 24 && m < 60 && t.len() == 5);
+        if !valid_time {
+            return Err(ConfigError::Key {
+                key: "audit.retention.cleanup_time".into(),
+                origin: String::new(),
+                message: format!("`{t}` is not a time of day as HH:MM"),
+            });
+        }
+        self.database.resolved_url().map(|_| ())
+    }
+
+    /// The environment variable names that override keys, with the dotted key each sets.
+    pub fn env_keys() -> Vec<(String, String)> {
+        let tree = serde_yaml_ng::to_value(Config::default()).expect("default config serialises");
+        let mut out = Vec::new();
+        collect_leaves(&tree, &mut Vec::new(), &mut out);
+        let mut keys: Vec<(String, String)> = out
+            .into_iter()
+            .map(|path| (format!("AUDIT_{}", path.join("_").to_uppercase()), format!("audit.{}", path.join("."))))
+            .collect();
+        // Names fixed by SPEC.md beside the generated ones.
+        keys.push(("AUDIT_LISTEN".into(), "audit.server.listen".into()));
+        keys
+    }
+}
+
+/// Dotted YAML key (with the `audit.` prefix) of a deserialisation error.
+fn yaml_key_of(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> String {
+    let mut key = String::from("audit");
+    let path = e.path().to_string();
+    if path != "." {
+        key.push('.');
+        key.push_str(&path);
+    }
+    // "unknown field `x`" names the offending key below the path.
+    let message = e.inner().to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some(field) = rest.split('`').next() {
+            key.push('.');
+            key.push_str(field);
+        }
+    }
+    key
+}
+
+fn collect_leaves(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match value {
+        Value::Mapping(map) => {
+            for (k, v) in map {
+                if let Some(k) = k.as_str() {
+                    prefix.push(k.to_string());
+                    collect_leaves(v, prefix, out);
+                    prefix.pop();
+                }
+            }
+        }
+        _ => out.push(prefix.clone()),
+    }
+}
+
+/// Applies `AUDIT_…` variables to the YAML tree; returns dotted key → variable name.
+fn apply_env(
+    tree: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let known: BTreeMap<String, String> = Config::env_keys().into_iter().collect();
+    let mut origins = BTreeMap::new();
+    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("AUDIT_")).collect();
+    // AUDIT_LISTEN is the documented short name; the generated long name wins if both are set.
+    vars.sort_by_key(|(k, _)| k != "AUDIT_LISTEN");
+    for (name, raw) in vars {
+        let Some(key) = known.get(&name) else {
+            continue;
+        };
+        let value: Value = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_yaml_ng::from_str(&raw).unwrap_or_else(|_| Value::String(raw.clone()))
+        };
+        // Keep text as text where the key is a string (a password of digits stays a string).
+        let value = match value {
+            Value::Number(_) | Value::Bool(_) if is_text_key(key) => Value::String(raw.clone()),
+            v => v,
+        };
+        set_path(tree, key.trim_start_matches("audit.").split('.'), value, key)?;
+        origins.insert(key.clone(), name);
+    }
+    Ok(origins)
+}
+
+fn is_text_key(key: &str) -> bool {
+    matches!(
+        key,
+        "audit.database.url"
+            | "audit.database.driver"
+            | "audit.database.host"
+            | "audit.database.user"
+            | "audit.database.password"
+            | "audit.database.password_file"
+            | "audit.database.dbname"
+            | "audit.database.sslmode"
+            | "audit.retention.cleanup_time"
+    )
+}
+
+fn set_path<'a>(
+    tree: &mut Value,
+    mut path: impl Iterator<Item = &'a str>,
+    value: Value,
+    key: &str,
+) -> Result<(), ConfigError> {
+    let Some(segment) = path.next() else {
+        *tree = value;
+        return Ok(());
+    };
+    if tree.is_null() {
+        *tree = Value::Mapping(Default::default());
+    }
+    let Value::Mapping(map) = tree else {
+        return Err(ConfigError::Key {
+            key: key.to_string(),
+            origin: String::new(),
+            message: "the YAML file has a scalar where a section is expected".into(),
+        });
+    };
+    let child = map.entry(Value::String(segment.to_string())).or_insert(Value::Null);
+    set_path(child, path, value, key)
+}
+
+/// Replaces the password of a URL with `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `humantime` strings (`1h`, `30s`) for an optional duration.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(|e| serde::de::Error::custom(format!("`{t}`: {e}"))))
+            .transpose()
+    }
+}
+
+/// `humantime` strings for a required duration.
+mod humantime_serde_req {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        super::humantime_serde_opt::serialize(&Some(*d), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::humantime_serde_opt::deserialize(d)?.ok_or_else(|| serde::de::Error::custom("a duration is required"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(Some(&path), env, &CliOverrides::default())
+    }
+
+    const SEED_YAML: &str = r#"
+server:
+  port: 8080
+audit:
+  enabled: true
+  database:
+    driver: "postgres"
+    host: "localhost"
+    port: 5432
+    user: "opsagent"
+    password: "your_secure_password"
+    dbname: "opsagent"
+    sslmode: "disable"
+    max_open_conns: 10
+    max_idle_conns: 5
+    conn_max_lifetime: 1h
+  async:
+    workers: 5
+    queue_size: 1000
+    batch_size: 10
+    batch_interval_ms: 1000
+  retention:
+    days: 90
+    auto_cleanup: true
+    cleanup_time: "03:00"
+"#;
+
+    #[test]
+    fn the_seed_section_is_read_unchanged() {
+        let c = load(SEED_YAML, &[]).unwrap();
+        assert_eq!(c.pipeline.workers, 5);
+        assert_eq!(c.pipeline.batch_size, 10);
+        assert_eq!(c.database.conn_max_lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            c.database.resolved_url().unwrap(),
+            "postgres://opsagent:your_secure_password@localhost:5432/opsagent?sslmode=disable"
+        );
+        assert!(!format!("{c:?}").contains("your_secure_password"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_cli_overrides_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, SEED_YAML).unwrap();
+        let env = [
+            ("AUDIT_ASYNC_WORKERS", "3"),
+            ("AUDIT_DATABASE_PASSWORD", "12345"),
+            ("AUDIT_LISTEN", "127.0.0.1:9000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cli = CliOverrides {
+            database_url: None,
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+        };
+        let c = Config::load_from(Some(&path), env, &cli).unwrap();
+        assert_eq!(c.pipeline.workers, 3);
+        assert_eq!(c.database.password.as_deref(), Some("12345"));
+        assert_eq!(c.server.listen.port(), 9100);
+    }
+
+    #[test]
+    fn password_may_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("pw");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let yaml = format!("audit:\n  database:\n    host: db\n    password_file: {}\n", secret.display());
+        let c = load(&yaml, &[]).unwrap();
+        assert_eq!(c.database.resolved_url().unwrap(), "postgres://postgres:s3cret@db:5432/opsagent?sslmode=prefer");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_the_key() {
+        let err = load("audit:\n  async:\n    wokers: 3\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("audit.async.wokers"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error_naming_the_key_and_its_origin() {
+        let err = load("audit:\n  async:\n    workers: many\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("audit.async.workers"), "{err}");
+        let err = load("", &[("AUDIT_ASYNC_BATCH_SIZE", "lots")]).unwrap_err().to_string();
+        assert!(err.contains("audit.async.batch_size") && err.contains("AUDIT_ASYNC_BATCH_SIZE"), "{err}");
+        let err = load("audit:\n  retention:\n    cleanup_time: '25:00'\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("audit.retention.cleanup_time"), "{err}");
+    }
+
+    #[test]
+    fn no_file_means_the_embedded_default() {
+        let c = Config::load_from(None, Vec::new(), &CliOverrides::default()).unwrap();
+        assert_eq!(c.database.resolved_url().unwrap(), DEFAULT_DATABASE_URL);
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,295 @@
+//! The record as producers send it (JSON), validated into an [`Interaction`].
+//!
+//! Every problem is reported with the path of the field it is about
+//! (`tool_calls[1].duration_ms`), so a producer can fix its code from the message alone.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Number, Value};
+use uuid::Uuid;
+
+use crate::model::{id_from_key, Interaction, Status, Thought, ToolCall};
+
+/// A record that cannot be accepted, and which field is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+pub struct FieldError {
+    /// Path of the field (`question`, `tool_calls[0].duration_ms`); empty for the record.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRecord {
+    interaction_id: Option<String>,
+    session_id: Option<String>,
+    user_id: Option<String>,
+    client_ip: Option<String>,
+    user_agent: Option<String>,
+    created_at: Option<String>,
+    endpoint: Option<String>,
+    question: Option<String>,
+    model_name: Option<String>,
+    provider: Option<String>,
+    base_url: Option<String>,
+    cluster: Option<String>,
+    /// The seed's single `Thought` string, accepted as the first thought.
+    thought: Option<String>,
+    thoughts: Option<Vec<WireThought>>,
+    tool_calls: Option<Vec<WireToolCall>>,
+    final_answer: Option<String>,
+    status: Option<String>,
+    error: Option<String>,
+    http_status: Option<Number>,
+    total_duration_ms: Option<Number>,
+    assistant_duration_ms: Option<Number>,
+    parse_duration_ms: Option<Number>,
+    metrics: Option<BTreeMap<String, Number>>,
+    input_tokens: Option<Number>,
+    output_tokens: Option<Number>,
+    attributes: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireThought {
+    content: String,
+    sequence_number: Option<Number>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireToolCall {
+    tool_name: String,
+    tool_input: Option<String>,
+    tool_observation: Option<String>,
+    sequence_number: Option<Number>,
+    duration_ms: Option<Number>,
+    thought_sequence_number: Option<Number>,
+    error: Option<String>,
+}
+
+/// Validates one JSON value as a record. `received_at` fills a missing `created_at`.
+pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interaction, FieldError> {
+    if !value.is_object() {
+        return Err(FieldError::new("", "a record must be a JSON object"));
+    }
+    let wire: WireRecord = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        let prefix = if path == "." { String::new() } else { format!("{path}.") };
+        // Name the missing or unknown field itself, not its parent.
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|p| message.strip_prefix(p).and_then(|rest| rest.split('`').next()));
+        match named {
+            Some(name) => FieldError::new(format!("{prefix}{name}"), message),
+            None => FieldError::new(path.trim_start_matches('.'), message),
+        }
+    })?;
+
+    let question = match wire.question {
+        Some(q) if !q.trim().is_empty() => q,
+        Some(_) => return Err(FieldError::new("question", "must not be empty")),
+        None => return Err(FieldError::new("question", "missing required field `question`")),
+    };
+    let mut record = Interaction::new(question);
+    let mut attributes = wire.attributes.unwrap_or_default();
+    if let Some(key) = wire.interaction_id.filter(|k| !k.trim().is_empty()) {
+        record.interaction_id = producer_id(&key, "source_interaction_id", &mut attributes);
+    }
+    if let Some(key) = wire.session_id.filter(|k| !k.trim().is_empty()) {
+        record.session_id = producer_id(&key, "source_session_id", &mut attributes);
+    }
+    if let Some(text) = wire.created_at {
+        record.created_at = DateTime::parse_from_rfc3339(text.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                FieldError::new(
+                    "created_at",
+                    format!("`{text}` is not an RFC 3339 date-time such as 2026-11-24T10:00:00.123Z ({e})"),
+                )
+            })?;
+    } else {
+        record.created_at = received_at;
+    }
+    record.user_id = wire.user_id;
+    record.client_ip = wire.client_ip;
+    record.user_agent = wire.user_agent;
+    record.endpoint = wire.endpoint;
+    record.model_name = wire.model_name;
+    record.provider = wire.provider;
+    record.base_url = wire.base_url;
+    record.cluster = wire.cluster;
+    record.final_answer = wire.final_answer;
+    record.error = wire.error;
+    record.status = match wire.status.as_deref() {
+        Some(name) => Status::parse(name).ok_or_else(|| {
+            FieldError::new(
+                "status",
+                format!(
+                    "unknown status `{name}`, expected one of: {}",
+                    Status::ALL.map(Status::as_str).join(", ")
+                ),
+            )
+        })?,
+        None if record.error.is_some() => Status::Error,
+        None => Status::Success,
+    };
+    record.http_status = wire
+        .http_status
+        .map(|n| {
+            let v = integer("http_status", &n)?;
+            if (100..=599).contains(&v) {
+                Ok(v as i32)
+            } else {
+                Err(FieldError::new("http_status", format!("{v} is not an HTTP status (100–599)")))
+            }
+        })
+        .transpose()?;
+    record.total_duration_ms = non_negative("total_duration_ms", wire.total_duration_ms)?;
+    record.assistant_duration_ms = non_negative("assistant_duration_ms", wire.assistant_duration_ms)?;
+    record.parse_duration_ms = non_negative("parse_duration_ms", wire.parse_duration_ms)?;
+    record.input_tokens = non_negative("input_tokens", wire.input_tokens)?;
+    record.output_tokens = non_negative("output_tokens", wire.output_tokens)?;
+    for (name, n) in wire.metrics.unwrap_or_default() {
+        let v = non_negative(&format!("metrics.{name}"), Some(n))?.unwrap_or_default();
+        record.metrics.insert(name, v);
+    }
+
+    if let Some(content) = wire.thought.filter(|t| !t.is_empty()) {
+        record.thoughts.push(Thought {
+            content,
+            sequence_number: 1,
+        });
+    }
+    for (i, t) in wire.thoughts.unwrap_or_default().into_iter().enumerate() {
+        let field = format!("thoughts[{i}].sequence_number");
+        let position = (record.thoughts.len() + 1) as i32;
+        record.thoughts.push(Thought {
+            content: t.content,
+            sequence_number: sequence(&field, t.sequence_number)?.unwrap_or(position),
+        });
+    }
+    for (i, c) in wire.tool_calls.unwrap_or_default().into_iter().enumerate() {
+        record.tool_calls.push(ToolCall {
+            tool_name: c.tool_name,
+            tool_input: c.tool_input.unwrap_or_default(),
+            tool_observation: c.tool_observation,
+            sequence_number: sequence(&format!("tool_calls[{i}].sequence_number"), c.sequence_number)?
+                .unwrap_or(i as i32 + 1),
+            duration_ms: non_negative(&format!("tool_calls[{i}].duration_ms"), c.duration_ms)?,
+            thought_sequence_number: sequence(
+                &format!("tool_calls[{i}].thought_sequence_number"),
+                c.thought_sequence_number,
+            )?,
+            error: c.error,
+        });
+    }
+    record.attributes = attributes;
+    Ok(record)
+}
+
+/// A producer's id: kept if it is a UUID, else mapped to a stable UUID with the original
+/// text kept in `attributes[keep_as]`, so nothing the producer sent is lost.
+fn producer_id(key: &str, keep_as: &str, attributes: &mut Map<String, Value>) -> Uuid {
+    let id = id_from_key(key);
+    if Uuid::parse_str(key.trim()).is_err() {
+        attributes.insert(keep_as.to_string(), Value::String(key.to_string()));
+    }
+    id
+}
+
+/// A JSON number as a whole number; fractions of a millisecond are rounded.
+fn integer(field: &str, n: &Number) -> Result<i64, FieldError> {
+    if let Some(v) = n.as_i64() {
+        return Ok(v);
+    }
+    match n.as_f64() {
+        Some(f) if f.is_finite() && f.abs() < 9.0e15 => Ok(f.round() as i64),
+        _ => Err(FieldError::new(field, format!("{n} is out of range"))),
+    }
+}
+
+fn non_negative(field: &str, n: Option<Number>) -> Result<Option<i64>, FieldError> {
+    let Some(n) = n else { return Ok(None) };
+    let v = integer(field, &n)?;
+    if v < 0 {
+        return Err(FieldError::new(field, format!("must not be negative (got {n})")));
+    }
+    Ok(Some(v))
+}
+
+fn sequence(field: &str, n: Option<Number>) -> Result<Option<i32>, FieldError> {
+    non_negative(field, n)?
+        .map(|v| i32::try_from(v).map_err(|_| FieldError::new(field, format!("{v} is too large"))))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn err(v: Value) -> FieldError {
+        parse_record(v, Utc::now()).unwrap_err()
+    }
+
+    #[test]
+    fn only_question_is_required() {
+        let r = parse_record(json!({"question": "why?"}), Utc::now()).unwrap();
+        assert_eq!(r.question, "why?");
+        assert_eq!(r.status, Status::Success);
+        assert_eq!(err(json!({"model_name": "x"})).field, "question");
+    }
+
+    #[test]
+    fn errors_name_the_nested_field() {
+        let e = err(json!({"question": "q", "tool_calls": [{"tool_name": "k", "duration_ms": -3}]}));
+        assert_eq!(e.field, "tool_calls[0].duration_ms");
+        let e = err(json!({"question": "q", "tool_calls": [{"tool_input": "x"}]}));
+        assert_eq!(e.field, "tool_calls[0].tool_name");
+        let e = err(json!({"question": "q", "total_duration_ms": "slow"}));
+        assert_eq!(e.field, "total_duration_ms");
+        let e = err(json!({"question": "q", "qestion": "typo"}));
+        assert_eq!(e.field, "qestion");
+        let e = err(json!({"question": "q", "status": "ok"}));
+        assert_eq!(e.field, "status");
+        assert!(e.message.contains("success, error, timeout, cancelled"), "{}", e.message);
+        let e = err(json!({"question": "q", "created_at": "yesterday"}));
+        assert_eq!(e.field, "created_at");
+    }
+
+    #[test]
+    fn non_uuid_ids_map_to_stable_uuids_and_keep_the_original() {
+        let r = parse_record(json!({"question": "q", "session_id": "conv-7"}), Utc::now()).unwrap();
+        assert_eq!(r.session_id, id_from_key("conv-7"));
+        assert_eq!(r.attributes["source_session_id"], json!("conv-7"));
+    }
+
+    #[test]
+    fn seed_single_thought_and_missing_sequence_numbers_are_filled() {
+        let r = parse_record(
+            json!({"question": "q", "thought": "first", "thoughts": [{"content": "second"}],
+                   "tool_calls": [{"tool_name": "a"}, {"tool_name": "b"}]}),
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(r.thoughts.iter().map(|t| t.sequence_number).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(r.tool_calls.iter().map(|t| t.sequence_number).collect::<Vec<_>>(), [1, 2]);
+    }
+}

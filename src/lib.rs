@@ -1,0 +1,16 @@
+//! opsagent-audit: the audit log for LLM operations agents.
+//!
+//! Records flow one way: capture ([`ingest`], or [`pipeline::AuditLogger::log`] from a
+//! Rust program) → sanitise → [`pipeline`] (queue, batching writers) → [`store`]
+//! (PostgreSQL or SQLite). Reads go [`api`] → [`store`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod ingest;
+pub mod model;
+pub mod pipeline;
+pub mod store;

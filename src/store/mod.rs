@@ -1,0 +1,161 @@
+//! Storage: one [`Store`] trait holding every operation the service needs, with a
+//! PostgreSQL implementation (production) and an embedded SQLite one (zero set-up).
+//!
+//! Writes are batches: a whole batch is one transaction made of set-based statements (a
+//! statement per table, never a statement per row). Writing is idempotent on
+//! `interaction_id`: a record already stored is skipped with its children, so re-delivery
+//! (a retry after a lost commit acknowledgement, a spool replay) stores nothing twice.
+//! Sessions are upserted with `ON CONFLICT`, so concurrent writers of one session never
+//! race. Both backends pass the same behavioural suite (`tests/store.rs`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::config::{redact_url, DatabaseConfig};
+use crate::model::Interaction;
+
+pub mod postgres;
+pub mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL.
+    Postgres,
+    /// Embedded SQLite file.
+    Sqlite,
+}
+
+/// What a batch write did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Interactions newly stored.
+    pub inserted: u64,
+    /// Interactions skipped because their `interaction_id` was already stored (or repeated
+    /// within the batch).
+    pub duplicates: u64,
+    /// The ids that were already stored before this batch.
+    pub already_stored: Vec<Uuid>,
+}
+
+/// Whether the store can take writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Migrations known to this binary that the database has not applied.
+    pub pending_migrations: Vec<i64>,
+}
+
+impl Readiness {
+    /// True when the database is reachable and fully migrated.
+    pub fn is_ready(&self) -> bool {
+        self.pending_migrations.is_empty()
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The requested record does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The database could not be reached or the connection broke; retrying may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database refused the data itself (a constraint, a value out of range);
+    /// retrying the same records fails the same way.
+    #[error("database rejected the data: {0}")]
+    Rejected(#[source] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported database.
+    #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://PATH")]
+    UnsupportedUrl(String),
+    /// Anything else the database said.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// A fixed short name, for metric labels and API error codes.
+    pub fn as_error_code(&self) -> &'static str {
+        match self {
+            StoreError::NotFound => "not_found",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Rejected(_) => "rejected",
+            StoreError::Migration(_) => "migration",
+            StoreError::UnsupportedUrl(_) => "unsupported_url",
+            StoreError::Other(_) => "database",
+        }
+    }
+}
+
+/// Every storage operation the service needs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which database this is.
+    fn backend(&self) -> Backend;
+
+    /// Applies the schema migrations not yet applied.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks the database answers and reports migrations not yet applied.
+    async fn readiness(&self) -> Result<Readiness, StoreError>;
+
+    /// Writes a batch in one transaction; records whose `interaction_id` is already stored
+    /// are skipped whole. Records must already be sanitised.
+    async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError>;
+
+    /// Reads one interaction with its thoughts, tool calls and metrics.
+    async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError>;
+
+    /// Number of stored interactions.
+    async fn count_interactions(&self) -> Result<u64, StoreError>;
+
+    /// Closes the connections.
+    async fn close(&self);
+}
+
+/// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
+/// (`sqlite::memory:` for a throwaway database). Does not migrate.
+pub async fn connect(url: &str, options: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
+    tracing::info!(url = %redact_url(url), "opening store");
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url, options).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// Orders a batch for writing: one record per `interaction_id` (the first wins), sorted by
+/// id so that concurrent transactions take row locks in the same order and cannot
+/// deadlock. Returns the records to write and how many repeats were removed.
+pub(crate) fn dedup_sorted(batch: &[Interaction]) -> (Vec<&Interaction>, u64) {
+    let mut records: Vec<&Interaction> = batch.iter().collect();
+    // Stable sort keeps the first occurrence of each id first among its equals.
+    records.sort_by_key(|r| r.interaction_id);
+    let before = records.len();
+    records.dedup_by_key(|r| r.interaction_id);
+    let repeats = (before - records.len()) as u64;
+    (records, repeats)
+}
+
+/// The sessions a batch touches, one per `session_id` (earliest record's data), sorted.
+pub(crate) fn sessions_of<'a>(records: &[&'a Interaction]) -> Vec<&'a Interaction> {
+    let mut sessions: Vec<&Interaction> = records.to_vec();
+    sessions.sort_by(|a, b| a.session_id.cmp(&b.session_id).then(a.created_at.cmp(&b.created_at)));
+    sessions.dedup_by_key(|r| r.session_id);
+    sessions
+}
