@@ -78,10 +78,7 @@ impl Cli {
             Command::Serve(args) => args.listen,
             _ => None,
         };
-        let overrides = CliOverrides {
-            database_url: self.database_url.clone(),
-            listen,
-        };
+        let overrides = CliOverrides { database_url: self.database_url.clone(), listen };
         let mut config = Config::load(self.config.as_deref(), &overrides).context("loading configuration")?;
         if let Some(format) = self.log_format {
             config.server.log_format = format;
@@ -119,9 +116,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 /// Opens the configured store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = config.database.resolved_url()?;
-    store::connect(&url, &config.database)
-        .await
-        .with_context(|| format!("opening database {}", redact_url(&url)))
+    store::connect(&url, &config.database).await.with_context(|| format!("opening database {}", redact_url(&url)))
 }
 
 async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
@@ -148,15 +143,8 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, database = %redact_url(&config.database.resolved_url()?), "opsagent-audit listening");
     let shutdown_timeout = config.pipeline.shutdown_timeout;
-    let state = AppState {
-        logger: logger.clone(),
-        store: store.clone(),
-        config: Arc::new(config),
-    };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let state = AppState { logger: logger.clone(), store: store.clone(), config: Arc::new(config) };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped accepting requests; draining the audit pipeline");
     let report = logger.shutdown(shutdown_timeout).await;
     store.close().await;

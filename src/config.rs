@@ -270,11 +270,7 @@ pub struct RetentionConfig {
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig {
-            days: 90,
-            auto_cleanup: false,
-            cleanup_time: "03:00".into(),
-        }
+        RetentionConfig { days: 90, auto_cleanup: false, cleanup_time: "03:00".into() }
     }
 }
 
@@ -321,11 +317,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig {
-            max_body_bytes: 16 * 1024 * 1024,
-            max_records_per_request: 10_000,
-            max_field_bytes: 1024 * 1024,
-        }
+        LimitsConfig { max_body_bytes: 16 * 1024 * 1024, max_records_per_request: 10_000, max_field_bytes: 1024 * 1024 }
     }
 }
 
@@ -352,14 +344,10 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut tree = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let root: FileRoot = serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Syntax {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                let root: FileRoot = serde_yaml_ng::from_str(&text)
+                    .map_err(|source| ConfigError::Syntax { path: path.to_path_buf(), source })?;
                 match root.audit {
                     None | Some(Value::Null) => Value::Mapping(Default::default()),
                     Some(v) => v,
@@ -657,16 +645,10 @@ audit:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, SEED_YAML).unwrap();
-        let env = [
-            ("AUDIT_ASYNC_WORKERS", "3"),
-            ("AUDIT_DATABASE_PASSWORD", "12345"),
-            ("AUDIT_LISTEN", "127.0.0.1:9000"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let cli = CliOverrides {
-            database_url: None,
-            listen: Some("127.0.0.1:9100".parse().unwrap()),
-        };
+        let env =
+            [("AUDIT_ASYNC_WORKERS", "3"), ("AUDIT_DATABASE_PASSWORD", "12345"), ("AUDIT_LISTEN", "127.0.0.1:9000")]
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cli = CliOverrides { database_url: None, listen: Some("127.0.0.1:9100".parse().unwrap()) };
         let c = Config::load_from(Some(&path), env, &cli).unwrap();
         assert_eq!(c.pipeline.workers, 3);
         assert_eq!(c.database.password.as_deref(), Some("12345"));

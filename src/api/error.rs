@@ -35,12 +35,7 @@ pub struct ErrorBody {
 impl ApiError {
     /// An error with no field.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            field: None,
-        }
+        ApiError { status, code, message: message.into(), field: None }
     }
 
     /// Names the field the error is about.
@@ -51,11 +46,7 @@ impl ApiError {
 
     /// The JSON body.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code.to_string(),
-            message: self.message.clone(),
-            field: self.field.clone(),
-        }
+        ErrorBody { code: self.code.to_string(), message: self.message.clone(), field: self.field.clone() }
     }
 }
 

@@ -56,7 +56,9 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(app): State<AppState>) -> Response {
     let queued = app.logger.queue_len();
     match tokio::time::timeout(Duration::from_secs(3), app.store.readiness()).await {
-        Ok(Ok(r)) if r.is_ready() => (StatusCode::OK, Json(json!({ "status": "ready", "queued": queued }))).into_response(),
+        Ok(Ok(r)) if r.is_ready() => {
+            (StatusCode::OK, Json(json!({ "status": "ready", "queued": queued }))).into_response()
+        }
         Ok(Ok(r)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({

@@ -108,7 +108,11 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     store.close().await;
 
     let mut table = String::new();
-    writeln!(table, "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}", "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB")?;
+    writeln!(
+        table,
+        "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
+        "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
+    )?;
     for (name, r) in [("pipeline", Some(&pipeline)), ("copy", baseline.as_ref())] {
         let Some(r) = r else { continue };
         let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
@@ -188,11 +192,7 @@ async fn run_copy_baseline(url: &str, args: &IngestBenchArgs) -> anyhow::Result<
     let schema = format!("bench_copy_{}", uuid::Uuid::new_v4().simple());
     conn.execute(format!("CREATE SCHEMA {schema}").as_str()).await?;
     conn.execute(format!("SET search_path TO {schema}").as_str()).await?;
-    let schema_sql = crate::store::postgres::MIGRATOR
-        .iter()
-        .map(|m| m.sql.to_string())
-        .collect::<Vec<_>>()
-        .join(";\n");
+    let schema_sql = crate::store::postgres::MIGRATOR.iter().map(|m| m.sql.to_string()).collect::<Vec<_>>().join(";\n");
     sqlx::raw_sql(&schema_sql).execute(&mut conn).await.context("creating the baseline schema")?;
 
     let result = copy_all(&mut conn, args).await;
@@ -217,7 +217,16 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
         let mut tables: [String; 5] = Default::default();
         for r in &records {
             if seen_sessions.insert(r.session_id) {
-                copy_row(&mut tables[0], &[Some(&r.session_id.to_string()), r.user_id.as_deref(), r.client_ip.as_deref(), r.user_agent.as_deref(), Some(&r.created_at.to_rfc3339())]);
+                copy_row(
+                    &mut tables[0],
+                    &[
+                        Some(&r.session_id.to_string()),
+                        r.user_id.as_deref(),
+                        r.client_ip.as_deref(),
+                        r.user_agent.as_deref(),
+                        Some(&r.created_at.to_rfc3339()),
+                    ],
+                );
             }
             let id = r.interaction_id.to_string();
             let at = r.created_at.to_rfc3339();
@@ -248,7 +257,10 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
                 ],
             );
             for t in &r.thoughts {
-                copy_row(&mut tables[2], &[Some(&id), Some(&t.content), Some(&t.sequence_number.to_string()), Some(&at)]);
+                copy_row(
+                    &mut tables[2],
+                    &[Some(&id), Some(&t.content), Some(&t.sequence_number.to_string()), Some(&at)],
+                );
             }
             for c in &r.tool_calls {
                 copy_row(
@@ -290,18 +302,11 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
     let elapsed = started.elapsed();
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&mut *conn).await?;
     ensure!(stored as u64 == args.records, "COPY baseline stored {stored} of {} rows", args.records);
-    Ok(PhaseResult {
-        records: args.records,
-        elapsed,
-        bytes,
-        p50_us: None,
-        p99_us: None,
-        peak_rss: None,
-    })
+    Ok(PhaseResult { records: args.records, elapsed, bytes, p50_us: None, p99_us: None, peak_rss: None })
 }
 
 /// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
-fn copy_row(out: &mut String, fields: &[Option<&str>]) {
+pub fn copy_row(out: &mut String, fields: &[Option<&str>]) {
     for (i, field) in fields.iter().enumerate() {
         if i > 0 {
             out.push('\t');
@@ -309,17 +314,33 @@ fn copy_row(out: &mut String, fields: &[Option<&str>]) {
         match field {
             None => out.push_str("\\N"),
             Some(text) => {
-                for ch in text.chars() {
-                    match ch {
-                        '\\' => out.push_str("\\\\"),
-                        '\t' => out.push_str("\\t"),
-                        '\n' => out.push_str("\\n"),
-                        '\r' => out.push_str("\\r"),
-                        c => out.push(c),
-                    }
+                // Copy runs of plain text whole; only the four special bytes are escaped.
+                let mut rest = *text;
+                while let Some(at) = rest.find(['\\', '\t', '\n', '\r']) {
+                    out.push_str(&rest[..at]);
+                    out.push_str(match rest.as_bytes()[at] {
+                        b'\\' => "\\\\",
+                        b'\t' => "\\t",
+                        b'\n' => "\\n",
+                        _ => "\\r",
+                    });
+                    rest = &rest[at + 1..];
                 }
+                out.push_str(rest);
             }
         }
     }
     out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_escape_the_text_format_specials() {
+        let mut out = String::new();
+        copy_row(&mut out, &[Some("a\tb\\c\nd\re"), None, Some("plain")]);
+        assert_eq!(out, "a\\tb\\\\c\\nd\\re\t\\N\tplain\n");
+    }
 }

@@ -19,10 +19,46 @@ const MODELS: [(&str, &str); 3] = [("gpt-4o", "openai"), ("claude-sonnet-4", "an
 /// without the generator dominating the benchmark.
 const VARIANTS: usize = 64;
 const WORDS: &[&str] = &[
-    "pod", "deployment", "namespace", "node", "restart", "crashloop", "memory", "limit", "oom", "killed",
-    "container", "image", "pull", "backoff", "service", "endpoint", "ingress", "latency", "error", "timeout",
-    "replica", "scheduler", "taint", "toleration", "volume", "mount", "secret", "configmap", "probe", "readiness",
-    "liveness", "cpu", "throttling", "event", "warning", "kubelet", "etcd", "apiserver", "rollout", "revision",
+    "pod",
+    "deployment",
+    "namespace",
+    "node",
+    "restart",
+    "crashloop",
+    "memory",
+    "limit",
+    "oom",
+    "killed",
+    "container",
+    "image",
+    "pull",
+    "backoff",
+    "service",
+    "endpoint",
+    "ingress",
+    "latency",
+    "error",
+    "timeout",
+    "replica",
+    "scheduler",
+    "taint",
+    "toleration",
+    "volume",
+    "mount",
+    "secret",
+    "configmap",
+    "probe",
+    "readiness",
+    "liveness",
+    "cpu",
+    "throttling",
+    "event",
+    "warning",
+    "kubelet",
+    "etcd",
+    "apiserver",
+    "rollout",
+    "revision",
 ];
 
 /// Generator of standard-workload records.
@@ -83,10 +119,7 @@ impl Workload {
         r.model_name = Some(model.into());
         r.provider = Some(provider.into());
         r.cluster = Some(format!("prod-{}", session % 4));
-        r.thoughts.push(Thought {
-            content: pick(&self.thoughts),
-            sequence_number: 1,
-        });
+        r.thoughts.push(Thought { content: pick(&self.thoughts), sequence_number: 1 });
         for (n, tool) in ["kubectl", "kubectl", "shell"].iter().enumerate() {
             r.tool_calls.push(ToolCall {
                 tool_name: (*tool).into(),

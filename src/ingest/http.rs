@@ -75,11 +75,7 @@ fn framing(headers: &HeaderMap) -> Result<Framing, ApiError> {
 /// Splits a body into records, each parsed or refused on its own.
 fn parse_body(framing: Framing, body: &str) -> Result<Vec<Result<Value, FieldError>>, ApiError> {
     let malformed = |e: serde_json::Error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("body is not valid JSON: {e}"),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not valid JSON: {e}"))
     };
     match framing {
         Framing::Json => match serde_json::from_str::<Value>(body).map_err(malformed)? {
@@ -96,15 +92,21 @@ fn parse_body(framing: Framing, body: &str) -> Result<Vec<Result<Value, FieldErr
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(n, line)| {
-                serde_json::from_str::<Value>(line)
-                    .map_err(|e| FieldError { field: String::new(), message: format!("line {}: not valid JSON: {e}", n + 1) })
+                serde_json::from_str::<Value>(line).map_err(|e| FieldError {
+                    field: String::new(),
+                    message: format!("line {}: not valid JSON: {e}", n + 1),
+                })
             })
             .collect()),
     }
 }
 
 /// The ingest handler.
-pub async fn post_interactions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn post_interactions(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     if !app.logger.is_enabled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,10 +123,8 @@ pub async fn post_interactions(State(app): State<AppState>, headers: HeaderMap, 
             format!("request body exceeds {limit} bytes (audit.limits.max_body_bytes)"),
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -164,11 +164,7 @@ pub async fn post_interactions(State(app): State<AppState>, headers: HeaderMap, 
             return Err(invalid(e));
         }
     }
-    let mut response = IngestResponse {
-        accepted: 0,
-        rejected: 0,
-        results: Vec::with_capacity(parsed.len()),
-    };
+    let mut response = IngestResponse { accepted: 0, rejected: 0, results: Vec::with_capacity(parsed.len()) };
     for (index, outcome) in parsed.into_iter().enumerate() {
         match outcome {
             Ok(record) => {
@@ -193,7 +189,8 @@ pub async fn post_interactions(State(app): State<AppState>, headers: HeaderMap, 
         }
     }
     if response.accepted == 0 {
-        let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "all_rejected", "every record was rejected; see results");
+        let error =
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "all_rejected", "every record was rejected; see results");
         let mut body = serde_json::to_value(&response).unwrap_or_default();
         body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response());

@@ -24,10 +24,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
+        FieldError { field: field.into(), message: message.into() }
     }
 }
 
@@ -115,14 +112,12 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
         record.session_id = producer_id(&key, "source_session_id", &mut attributes);
     }
     if let Some(text) = wire.created_at {
-        record.created_at = DateTime::parse_from_rfc3339(text.trim())
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                FieldError::new(
-                    "created_at",
-                    format!("`{text}` is not an RFC 3339 date-time such as 2026-11-24T10:00:00.123Z ({e})"),
-                )
-            })?;
+        record.created_at = DateTime::parse_from_rfc3339(text.trim()).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+            FieldError::new(
+                "created_at",
+                format!("`{text}` is not an RFC 3339 date-time such as 2026-11-24T10:00:00.123Z ({e})"),
+            )
+        })?;
     } else {
         record.created_at = received_at;
     }
@@ -140,10 +135,7 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
         Some(name) => Status::parse(name).ok_or_else(|| {
             FieldError::new(
                 "status",
-                format!(
-                    "unknown status `{name}`, expected one of: {}",
-                    Status::ALL.map(Status::as_str).join(", ")
-                ),
+                format!("unknown status `{name}`, expected one of: {}", Status::ALL.map(Status::as_str).join(", ")),
             )
         })?,
         None if record.error.is_some() => Status::Error,
@@ -171,10 +163,7 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
     }
 
     if let Some(content) = wire.thought.filter(|t| !t.is_empty()) {
-        record.thoughts.push(Thought {
-            content,
-            sequence_number: 1,
-        });
+        record.thoughts.push(Thought { content, sequence_number: 1 });
     }
     for (i, t) in wire.thoughts.unwrap_or_default().into_iter().enumerate() {
         let field = format!("thoughts[{i}].sequence_number");

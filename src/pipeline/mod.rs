@@ -108,9 +108,7 @@ pub struct Batch {
 
 impl FromIterator<Envelope> for Batch {
     fn from_iter<I: IntoIterator<Item = Envelope>>(iter: I) -> Self {
-        Batch {
-            envelopes: iter.into_iter().collect(),
-        }
+        Batch { envelopes: iter.into_iter().collect() }
     }
 }
 
@@ -261,11 +259,7 @@ pub(crate) struct RateLimitedLog {
 
 impl RateLimitedLog {
     pub(crate) fn new(interval: Duration) -> Self {
-        RateLimitedLog {
-            interval,
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
+        RateLimitedLog { interval, last: Mutex::new(None), suppressed: AtomicU64::new(0) }
     }
 
     /// Calls `emit(suppressed_since_last)` if the interval has passed, else counts.
@@ -354,9 +348,7 @@ impl AuditLogger {
             give_up: CancellationToken::new(),
             drop_log: RateLimitedLog::new(Duration::from_secs(1)),
         });
-        let workers = (0..config.workers.max(1))
-            .map(|id| tokio::spawn(writer::run(id, shared.clone())))
-            .collect();
+        let workers = (0..config.workers.max(1)).map(|id| tokio::spawn(writer::run(id, shared.clone()))).collect();
         tracing::info!(
             workers = config.workers,
             queue_size = config.queue_size,
@@ -365,11 +357,7 @@ impl AuditLogger {
             "audit pipeline started"
         );
         AuditLogger {
-            inner: Some(Arc::new(Running {
-                shared,
-                closing: AtomicBool::new(false),
-                workers: Mutex::new(workers),
-            })),
+            inner: Some(Arc::new(Running { shared, closing: AtomicBool::new(false), workers: Mutex::new(workers) })),
         }
     }
 
@@ -396,8 +384,7 @@ impl AuditLogger {
         }
         let (tx, rx) = oneshot::channel();
         self.enqueue(record, Some(tx));
-        rx.await
-            .unwrap_or_else(|_| Outcome::Dropped(DropReason::Shutdown, "pipeline stopped before writing".into()))
+        rx.await.unwrap_or_else(|_| Outcome::Dropped(DropReason::Shutdown, "pipeline stopped before writing".into()))
     }
 
     fn enqueue(&self, mut record: Interaction, ack: Option<oneshot::Sender<Outcome>>) {
@@ -410,11 +397,7 @@ impl AuditLogger {
         if changed > 0 {
             shared.stats.sanitized_fields.fetch_add(changed as u64, Ordering::Relaxed);
         }
-        let envelope = Envelope {
-            record,
-            enqueued_at: Instant::now(),
-            ack,
-        };
+        let envelope = Envelope { record, enqueued_at: Instant::now(), ack };
         if running.closing.load(Ordering::Acquire) {
             shared.drop_record(envelope, DropReason::Closed, "logger is shutting down");
             return;
@@ -435,9 +418,7 @@ impl AuditLogger {
 
     /// The pipeline's counters.
     pub fn stats(&self) -> Arc<PipelineStats> {
-        self.inner
-            .as_ref()
-            .map_or_else(|| Arc::new(PipelineStats::default()), |r| r.shared.stats.clone())
+        self.inner.as_ref().map_or_else(|| Arc::new(PipelineStats::default()), |r| r.shared.stats.clone())
     }
 
     /// The store records are written to, if enabled.
@@ -450,11 +431,7 @@ impl AuditLogger {
     /// dropped (reason `shutdown`) and logged.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let Some(running) = &self.inner else {
-            return ShutdownReport {
-                drained: true,
-                abandoned: 0,
-                stats: StatsSnapshot::default(),
-            };
+            return ShutdownReport { drained: true, abandoned: 0, stats: StatsSnapshot::default() };
         };
         let shared = &running.shared;
         running.closing.store(true, Ordering::Release);
@@ -492,10 +469,6 @@ impl AuditLogger {
             abandoned,
             "audit pipeline stopped"
         );
-        ShutdownReport {
-            drained: drained && abandoned == 0,
-            abandoned,
-            stats,
-        }
+        ShutdownReport { drained: drained && abandoned == 0, abandoned, stats }
     }
 }

@@ -31,11 +31,7 @@ struct State {
 impl MemoryQueue {
     /// A queue holding at most `capacity` records.
     pub fn new(capacity: usize) -> Self {
-        MemoryQueue {
-            state: Mutex::new(State::default()),
-            ready: Notify::new(),
-            capacity: capacity.max(1),
-        }
+        MemoryQueue { state: Mutex::new(State::default()), ready: Notify::new(), capacity: capacity.max(1) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -52,11 +48,7 @@ impl MemoryQueue {
             if state.closed {
                 return Some(envelope);
             }
-            let evicted = if state.items.len() >= self.capacity {
-                state.items.pop_front()
-            } else {
-                None
-            };
+            let evicted = if state.items.len() >= self.capacity { state.items.pop_front() } else { None };
             state.items.push_back(envelope);
             (evicted, state.items.len())
         };

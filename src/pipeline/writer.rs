@@ -18,10 +18,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(super) async fn run(id: usize, shared: Arc<Shared>) {
     tracing::debug!(writer = id, "audit writer started");
     loop {
-        let batch = shared
-            .queue
-            .next_batch(shared.settings.batch_size, shared.settings.batch_interval)
-            .await;
+        let batch = shared.queue.next_batch(shared.settings.batch_size, shared.settings.batch_interval).await;
         if batch.is_empty() {
             break;
         }
@@ -40,18 +37,8 @@ async fn write(shared: &Shared, batch: Batch) {
     while let Some(mut part) = parts.pop() {
         // The store takes a slice of records; the envelopes are split off and rejoined
         // so no record is cloned on the hot path.
-        let (records, meta): (Vec<Interaction>, Vec<Meta>) = part
-            .drain(..)
-            .map(|e| {
-                (
-                    e.record,
-                    Meta {
-                        enqueued_at: e.enqueued_at,
-                        ack: e.ack,
-                    },
-                )
-            })
-            .unzip();
+        let (records, meta): (Vec<Interaction>, Vec<Meta>) =
+            part.drain(..).map(|e| (e.record, Meta { enqueued_at: e.enqueued_at, ack: e.ack })).unzip();
         match shared.store.write_batch(&records).await {
             Ok(summary) => {
                 attempt = 0;
@@ -117,11 +104,7 @@ fn rejoin(records: Vec<Interaction>, meta: Vec<Meta>) -> Vec<Envelope> {
     records
         .into_iter()
         .zip(meta)
-        .map(|(record, m)| Envelope {
-            record,
-            enqueued_at: m.enqueued_at,
-            ack: m.ack,
-        })
+        .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, ack: m.ack })
         .collect()
 }
 

@@ -35,9 +35,7 @@ impl PostgresStore {
     /// Creates the pool. Connections are opened on first use, so a database that is down
     /// at start-up is reported by the first operation, not here.
     pub async fn connect(url: &str, options: &DatabaseConfig) -> Result<Self, StoreError> {
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(StoreError::Other)?
-            .application_name("opsagent-audit");
+        let connect = PgConnectOptions::from_str(url).map_err(StoreError::Other)?.application_name("opsagent-audit");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_open_conns)
             .max_lifetime(options.conn_max_lifetime)
@@ -141,9 +139,7 @@ impl Store for PostgresStore {
             Err(e) => return Err(classify(e)),
         };
         let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness {
-            pending_migrations: pending,
-        })
+        Ok(Readiness { pending_migrations: pending })
     }
 
     #[instrument(skip_all, fields(records = batch.len()))]
@@ -165,10 +161,8 @@ impl Store for PostgresStore {
             .await
             .map_err(classify)?;
 
-        let attributes: Vec<String> = records
-            .iter()
-            .map(|r| serde_json::Value::Object(r.attributes.clone()).to_string())
-            .collect();
+        let attributes: Vec<String> =
+            records.iter().map(|r| serde_json::Value::Object(r.attributes.clone()).to_string()).collect();
         let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_INTERACTIONS)
             .bind(records.iter().map(|r| r.interaction_id).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.session_id).collect::<Vec<_>>())
@@ -305,25 +299,22 @@ impl Store for PostgresStore {
         .collect::<Result<_, sqlx::Error>>()
         .map_err(StoreError::Other)?;
 
-        record.metrics = sqlx::query(
-            "SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = $1",
-        )
-        .bind(interaction_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
-        .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
-        .map_err(StoreError::Other)?;
+        record.metrics =
+            sqlx::query("SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = $1")
+                .bind(interaction_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
+                .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
+                .map_err(StoreError::Other)?;
         Ok(record)
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
     }
 

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::Row;
 use tokio::sync::Mutex;
 use tracing::instrument;
@@ -39,9 +41,7 @@ pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid, sqlx::Error> {
@@ -69,10 +69,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        Ok(SqliteStore {
-            pool,
-            write_lock: Mutex::new(()),
-        })
+        Ok(SqliteStore { pool, write_lock: Mutex::new(()) })
     }
 
     /// The underlying pool.
@@ -148,12 +145,11 @@ impl Store for SqliteStore {
 
     #[instrument(skip_all)]
     async fn readiness(&self) -> Result<Readiness, StoreError> {
-        let has_table: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
+        let has_table: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
         let applied: Vec<i64> = if has_table == 0 {
             Vec::new()
         } else {
@@ -163,9 +159,7 @@ impl Store for SqliteStore {
                 .map_err(classify)?
         };
         let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness {
-            pending_migrations: pending,
-        })
+        Ok(Readiness { pending_migrations: pending })
     }
 
     #[instrument(skip_all, fields(records = batch.len()))]
@@ -177,13 +171,7 @@ impl Store for SqliteStore {
         let sessions: Vec<serde_json::Value> = sessions_of(&records)
             .iter()
             .map(|r| {
-                json!([
-                    r.session_id.to_string(),
-                    r.user_id,
-                    r.client_ip,
-                    r.user_agent,
-                    format_time(&r.created_at)
-                ])
+                json!([r.session_id.to_string(), r.user_id, r.client_ip, r.user_agent, format_time(&r.created_at)])
             })
             .collect();
         let interactions: Vec<serde_json::Value> = records
@@ -227,10 +215,8 @@ impl Store for SqliteStore {
             .await
             .map_err(classify)?;
         let inserted: HashSet<String> = inserted.into_iter().collect();
-        let (fresh, old): (Vec<(&Interaction, String)>, Vec<(&Interaction, String)>) = records
-            .iter()
-            .map(|r| (*r, r.interaction_id.to_string()))
-            .partition(|(_, id)| inserted.contains(id));
+        let (fresh, old): (Vec<(&Interaction, String)>, Vec<(&Interaction, String)>) =
+            records.iter().map(|r| (*r, r.interaction_id.to_string())).partition(|(_, id)| inserted.contains(id));
         let summary = WriteSummary {
             inserted: fresh.len() as u64,
             duplicates: repeats + old.len() as u64,
@@ -331,23 +317,22 @@ impl Store for SqliteStore {
         .collect::<Result<_, sqlx::Error>>()
         .map_err(StoreError::Other)?;
 
-        record.metrics = sqlx::query("SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = ?1")
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?
-            .iter()
-            .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
-            .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
-            .map_err(StoreError::Other)?;
+        record.metrics =
+            sqlx::query("SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = ?1")
+                .bind(&id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
+                .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
+                .map_err(StoreError::Other)?;
         Ok(record)
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM interactions")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
     }
 

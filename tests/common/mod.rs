@@ -1,0 +1,210 @@
+//! Test helpers: a fresh PostgreSQL database per test (as `sqlx::test` does), SQLite temp
+//! files, and `spawn_app` starting the real HTTP server on a free loopback port.
+//!
+//! PostgreSQL comes from `AUDIT_TEST_DATABASE_URL` when set, else the machine's server on
+//! 127.0.0.1:5432. If none answers, the test fails with what to start; it never skips.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opsagent_audit::api::{router, AppState};
+use opsagent_audit::config::{AsyncConfig, Config, LimitsConfig};
+use opsagent_audit::pipeline::AuditLogger;
+use opsagent_audit::store::{self, Store};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Executor};
+
+/// The server tests connect to for PostgreSQL (administrative database).
+pub fn postgres_admin_url() -> String {
+    std::env::var("AUDIT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > base.find("://").map_or(0, |p| p + 2) => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{db}?{q}"),
+        None => format!("{prefix}/{db}"),
+    }
+}
+
+/// A database that exists for one test and is dropped after it.
+pub struct TestDb {
+    /// URL of the database.
+    pub url: String,
+    name: String,
+    admin_url: String,
+    /// Keeps a SQLite file's directory alive.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// A fresh, empty PostgreSQL database.
+    pub async fn postgres() -> TestDb {
+        let admin_url = postgres_admin_url();
+        let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is required for these tests and is not reachable at {admin_url}: {e}\n\
+                 Start the local server (e.g. `pg_ctlcluster 15 main start`), install it \
+                 (`apt-get install postgresql`), or point AUDIT_TEST_DATABASE_URL at one."
+            )
+        });
+        let name = format!("audit_test_{}", uuid::Uuid::new_v4().simple());
+        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        admin.close().await.ok();
+        TestDb { url: with_database(&admin_url, &name), name, admin_url, _dir: None }
+    }
+
+    /// A fresh SQLite file in a temporary directory.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        TestDb {
+            url: format!("sqlite://{}", path.display()),
+            name: String::new(),
+            admin_url: String::new(),
+            _dir: Some(dir),
+        }
+    }
+
+    /// Opens and migrates the store.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        let store = store::connect(&self.url, &Config::default().database).await.expect("open store");
+        store.migrate().await.expect("migrate");
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside any runtime guarantee; a private one does the async work.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url).await.ok()?;
+                admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await.ok()?;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// A running server on a free loopback port.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub address: String,
+    /// The server's pipeline.
+    pub logger: AuditLogger,
+    /// The server's store.
+    pub store: Arc<dyn Store>,
+    /// An HTTP client.
+    pub client: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl TestApp {
+    /// URL of a path on the server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Waits until `n` interactions are stored (bounded; panics after 20 s).
+    pub async fn wait_for_count(&self, n: u64) {
+        wait_for_count(&*self.store, n).await
+    }
+
+    /// Stops the server and drains the pipeline.
+    pub async fn stop(self) {
+        self.server.abort();
+        self.logger.shutdown(Duration::from_secs(30)).await;
+    }
+}
+
+/// Waits until the store holds `n` interactions (bounded; panics after 20 s).
+pub async fn wait_for_count(store: &dyn Store, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let count = store.count_interactions().await.expect("count");
+        if count >= n {
+            assert_eq!(count, n, "more interactions stored than expected");
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {count} of {n} interactions stored after 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the real router on 127.0.0.1:0 over `db` (migrated), with `config`.
+pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
+    config.database.url = Some(db.url.clone());
+    let store = db.store().await;
+    let logger = if config.enabled {
+        AuditLogger::start(store.clone(), &config.pipeline, &config.limits)
+    } else {
+        AuditLogger::disabled()
+    };
+    spawn_router(store, logger, config).await
+}
+
+/// Starts the router over an already opened store and logger.
+pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Config) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("addr"));
+    let state = AppState { logger: logger.clone(), store: store.clone(), config: Arc::new(config) };
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router(state)).await.expect("serve");
+    });
+    TestApp { address, logger, store, client: reqwest::Client::new(), server }
+}
+
+/// Starts the server with test-friendly pipeline settings (short batch interval).
+pub async fn spawn_app(db: &TestDb) -> TestApp {
+    spawn_app_with(db, fast_config()).await
+}
+
+/// Defaults with a 20 ms batch interval, so tests do not wait for partial batches.
+pub fn fast_config() -> Config {
+    Config {
+        pipeline: AsyncConfig { batch_interval_ms: 20, ..AsyncConfig::default() },
+        limits: LimitsConfig::default(),
+        ..Config::default()
+    }
+}
+
+/// Runs each listed `async fn NAME(&TestDb)` of the calling module as two tests,
+/// `postgres::NAME` and `sqlite::NAME`, each on a fresh database.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = $crate::common::TestDb::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = $crate::common::TestDb::sqlite();
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,251 @@
+//! Pipeline behaviour: batching triggers, the drop-oldest policy, retries and shutdown.
+//!
+//! Records land in real databases. Where a test must hold a write back or make it fail,
+//! [`GatedStore`] wraps the real store: it delays or fails `write_batch` before passing
+//! it through, and never pretends to have stored anything.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::TestDb;
+use opsagent_audit::config::{AsyncConfig, LimitsConfig};
+use opsagent_audit::model::Interaction;
+use opsagent_audit::pipeline::{AuditLogger, DropReason, Outcome};
+use opsagent_audit::store::{Backend, Readiness, Store, StoreError, WriteSummary};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// A real store whose writes can be held at a gate or made to fail as if the database
+/// were unreachable.
+struct GatedStore {
+    inner: Arc<dyn Store>,
+    open: watch::Receiver<bool>,
+    failing: AtomicBool,
+    waiting: AtomicUsize,
+    attempts: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for GatedStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.inner.migrate().await
+    }
+    async fn readiness(&self) -> Result<Readiness, StoreError> {
+        self.inner.readiness().await
+    }
+    async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        }
+        self.inner.write_batch(batch).await
+    }
+    async fn get_interaction(&self, id: Uuid) -> Result<Interaction, StoreError> {
+        self.inner.get_interaction(id).await
+    }
+    async fn count_interactions(&self) -> Result<u64, StoreError> {
+        self.inner.count_interactions().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+async fn gated(db: &TestDb, open: bool) -> (Arc<GatedStore>, watch::Sender<bool>) {
+    let (tx, rx) = watch::channel(open);
+    let store = Arc::new(GatedStore {
+        inner: db.store().await,
+        open: rx,
+        failing: AtomicBool::new(false),
+        waiting: AtomicUsize::new(0),
+        attempts: AtomicUsize::new(0),
+    });
+    (store, tx)
+}
+
+fn records(n: usize) -> Vec<Interaction> {
+    (0..n).map(|i| Interaction::new(format!("question {i}"))).collect()
+}
+
+fn config(workers: usize, queue_size: usize, batch_size: usize, batch_interval_ms: u64) -> AsyncConfig {
+    AsyncConfig { workers, queue_size, batch_size, batch_interval_ms, ..AsyncConfig::default() }
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn stored_ids(store: &dyn Store, candidates: &[Uuid]) -> BTreeSet<Uuid> {
+    let mut found = BTreeSet::new();
+    for id in candidates {
+        if store.get_interaction(*id).await.is_ok() {
+            found.insert(*id);
+        }
+    }
+    found
+}
+
+async fn a_full_queue_drops_the_oldest_and_counts_it(db: &TestDb) {
+    let (store, gate) = gated(db, false).await;
+    let log = AuditLogger::start(store.clone(), &config(1, 10, 5, 60_000), &LimitsConfig::default());
+    let batch = records(30);
+    let ids: Vec<Uuid> = batch.iter().map(|r| r.interaction_id).collect();
+    let mut batch = batch.into_iter();
+    // The first 5 fill a batch; the writer takes it and is held at the gate.
+    for r in batch.by_ref().take(5) {
+        log.log(r);
+    }
+    wait_until("the writer to hold the first batch", || store.waiting.load(Ordering::SeqCst) == 1).await;
+    // 25 more into a queue of 10: the 15 oldest of them are dropped.
+    for r in batch {
+        log.log(r);
+    }
+    let stats = log.stats().snapshot();
+    assert_eq!(stats.dropped_queue_full, 15);
+    assert_eq!(stats.accepted, 30);
+    assert_eq!(log.queue_len(), 10);
+    gate.send(true).unwrap();
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained);
+    assert_eq!(report.stats.committed, 15);
+    let expected: BTreeSet<Uuid> = ids[..5].iter().chain(&ids[20..]).copied().collect();
+    assert_eq!(stored_ids(&*store, &ids).await, expected, "the first batch and the newest 10 survive");
+}
+
+async fn a_full_batch_is_written_without_waiting_for_the_interval(db: &TestDb) {
+    let store = db.store().await;
+    let log = AuditLogger::start(store.clone(), &config(2, 1000, 10, 600_000), &LimitsConfig::default());
+    for r in records(25) {
+        log.log(r);
+    }
+    common::wait_for_count(&*store, 20).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.count_interactions().await.unwrap(), 20, "the partial batch waits for its interval");
+    assert_eq!(log.queue_len(), 5);
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained);
+    assert_eq!(store.count_interactions().await.unwrap(), 25);
+}
+
+async fn a_partial_batch_is_written_after_the_interval(db: &TestDb) {
+    let store = db.store().await;
+    let log = AuditLogger::start(store.clone(), &config(2, 1000, 1000, 50), &LimitsConfig::default());
+    for r in records(3) {
+        log.log(r);
+    }
+    common::wait_for_count(&*store, 3).await;
+    assert_eq!(log.stats().snapshot().batches, 1);
+    log.shutdown(Duration::from_secs(10)).await;
+}
+
+async fn shutdown_writes_everything_queued(db: &TestDb) {
+    let store = db.store().await;
+    // An interval far beyond the test: only shutdown can write the partial batches.
+    let log = AuditLogger::start(store.clone(), &config(2, 10_000, 1000, 600_000), &LimitsConfig::default());
+    for r in records(2_500) {
+        log.log(r);
+    }
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained, "{report:?}");
+    assert_eq!((report.stats.committed, report.stats.dropped_total()), (2_500, 0));
+    assert_eq!(store.count_interactions().await.unwrap(), 2_500);
+}
+
+async fn shutdown_waits_for_the_batch_in_flight(db: &TestDb) {
+    let (store, gate) = gated(db, false).await;
+    let log = AuditLogger::start(store.clone(), &config(1, 100, 10, 600_000), &LimitsConfig::default());
+    for r in records(15) {
+        log.log(r);
+    }
+    wait_until("a batch in flight", || store.waiting.load(Ordering::SeqCst) == 1).await;
+    let shutdown = tokio::spawn({
+        let log = log.clone();
+        async move { log.shutdown(Duration::from_secs(30)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!shutdown.is_finished(), "shutdown returned with a batch still in flight");
+    gate.send(true).unwrap();
+    let report = shutdown.await.unwrap();
+    assert!(report.drained);
+    assert_eq!(store.count_interactions().await.unwrap(), 15);
+}
+
+async fn transient_failures_are_retried_until_the_write_succeeds(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let log = AuditLogger::start(store.clone(), &config(2, 1000, 50, 10), &LimitsConfig::default());
+    for r in records(120) {
+        log.log(r);
+    }
+    wait_until("three failed attempts", || store.attempts.load(Ordering::SeqCst) >= 3).await;
+    assert_eq!(store.count_interactions().await.unwrap(), 0);
+    store.failing.store(false, Ordering::SeqCst);
+    common::wait_for_count(&*store, 120).await;
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert!(report.stats.retries >= 1 && report.stats.write_errors >= 3, "{:?}", report.stats);
+    assert_eq!((report.stats.committed, report.stats.dropped_total()), (120, 0));
+}
+
+async fn records_left_at_the_shutdown_deadline_are_counted_not_lost_silently(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let log = AuditLogger::start(store.clone(), &config(1, 1000, 10, 10), &LimitsConfig::default());
+    for r in records(35) {
+        log.log(r);
+    }
+    let report = log.shutdown(Duration::from_millis(300)).await;
+    assert!(!report.drained);
+    assert_eq!(report.abandoned, 35);
+    assert_eq!(report.stats.dropped_shutdown, 35);
+    assert_eq!(store.count_interactions().await.unwrap(), 0);
+}
+
+async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
+    let store = db.store().await;
+    let log = AuditLogger::start(store.clone(), &config(1, 100, 10, 10), &LimitsConfig::default());
+    log.shutdown(Duration::from_secs(5)).await;
+    log.log(Interaction::new("late"));
+    let outcome = log.log_committed(Interaction::new("late too")).await;
+    assert!(matches!(outcome, Outcome::Dropped(DropReason::Closed, _)), "{outcome:?}");
+    assert_eq!(log.stats().snapshot().dropped_closed, 2);
+    assert_eq!(store.count_interactions().await.unwrap(), 0);
+}
+
+both_backends!(
+    a_full_queue_drops_the_oldest_and_counts_it,
+    a_full_batch_is_written_without_waiting_for_the_interval,
+    a_partial_batch_is_written_after_the_interval,
+    shutdown_writes_everything_queued,
+    shutdown_waits_for_the_batch_in_flight,
+    transient_failures_are_retried_until_the_write_succeeds,
+    records_left_at_the_shutdown_deadline_are_counted_not_lost_silently,
+    records_after_shutdown_are_refused_and_counted,
+);
+
+#[tokio::test]
+async fn a_disabled_logger_does_nothing() {
+    let log = AuditLogger::disabled();
+    assert!(!log.is_enabled());
+    for r in records(1000) {
+        log.log(r);
+    }
+    assert_eq!(log.queue_len(), 0);
+    assert_eq!(log.stats().snapshot().accepted, 0);
+    assert!(log.shutdown(Duration::from_secs(1)).await.drained);
+}
