@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::api::{router, AppState};
 use crate::config::{redact_url, CliOverrides, Config, LogFormat};
 use crate::model::id_from_key;
-use crate::pipeline::AuditLogger;
+use crate::pipeline::{AuditLogger, Spool};
 use crate::store::{self, Store};
 
 /// The audit log for LLM operations agents.
@@ -135,7 +135,22 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
             .context("applying migrations at start-up (is the database reachable? --no-migrate skips this)")?;
     }
     let logger = if config.enabled {
-        AuditLogger::start(store.clone(), &config.pipeline, &config.limits)
+        let spool = match config.spool.enabled {
+            true => {
+                let (spool_config, pending) = (config.spool.clone(), config.pipeline.queue_size);
+                // Opening checks every segment left by an earlier run: blocking work.
+                let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_config, pending))
+                    .await
+                    .context("opening the spool")?
+                    .with_context(|| format!("opening the spool in {}", config.spool.dir.display()))?;
+                Some(spool)
+            }
+            false => {
+                tracing::warn!("audit.spool.enabled is false: records live only in memory until committed");
+                None
+            }
+        };
+        AuditLogger::start_with_spool(store.clone(), &config.pipeline, &config.limits, spool)
     } else {
         tracing::warn!("audit.enabled is false: the ingest API refuses records");
         AuditLogger::disabled()

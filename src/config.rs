@@ -89,6 +89,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Size limits on what is accepted.
     pub limits: LimitsConfig,
+    /// The disk spool records go to when the database is down or slow.
+    pub spool: SpoolConfig,
 }
 
 impl Default for Config {
@@ -100,6 +102,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             server: ServerConfig::default(),
             limits: LimitsConfig::default(),
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -239,9 +242,67 @@ pub struct AsyncConfig {
     pub batch_size: usize,
     /// A partial batch is written after this long.
     pub batch_interval_ms: u64,
-    /// How long shutdown may take to drain the queue into the database.
+    /// How long shutdown may take to drain the queue into the database; what is left
+    /// then goes to the spool.
     #[serde(with = "humantime_serde_req")]
     pub shutdown_timeout: Duration,
+    /// When the HTTP ingest API answers `202`: `durable` (on disk or committed) or
+    /// `queued` (taken into memory).
+    pub ack: AckMode,
+    /// How long a durable acknowledgement may take before the request fails with `503`.
+    #[serde(with = "humantime_serde_req")]
+    pub ack_timeout: Duration,
+}
+
+/// When a producer's record counts as taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Once it is in the memory queue (fire and forget, as the seed's library).
+    Queued,
+    /// Once it is fsync'd in the spool or committed to the database.
+    Durable,
+}
+
+/// `audit.spool`: the disk spool (write-ahead log and overflow of the memory queue).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Without a spool, records live only in memory until committed.
+    pub enabled: bool,
+    /// Directory of the segment files; one process at a time (it is locked).
+    pub dir: PathBuf,
+    /// Most bytes the segment files may take; then `full_policy` applies.
+    pub max_bytes: u64,
+    /// What to do when the spool is full.
+    pub full_policy: FullPolicy,
+    /// A segment file is closed and a new one started past this size.
+    pub segment_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            enabled: true,
+            dir: PathBuf::from("opsagent-audit-spool"),
+            max_bytes: 1024 * 1024 * 1024,
+            full_policy: FullPolicy::DropOldest,
+            segment_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a full spool gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Delete the oldest segment (the seed's choice: recent records matter most).
+    DropOldest,
+    /// Refuse the new record.
+    DropNewest,
+    /// Durable producers wait for room; fire-and-forget records beyond a bounded
+    /// backlog are dropped, since `log` never blocks.
+    Block,
 }
 
 impl Default for AsyncConfig {
@@ -252,6 +313,8 @@ impl Default for AsyncConfig {
             batch_size: 500,
             batch_interval_ms: 200,
             shutdown_timeout: Duration::from_secs(30),
+            ack: AckMode::Durable,
+            ack_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -394,6 +457,17 @@ impl Config {
         positive("limits.max_body_bytes", self.limits.max_body_bytes as u64)?;
         positive("limits.max_records_per_request", self.limits.max_records_per_request as u64)?;
         positive("limits.max_field_bytes", self.limits.max_field_bytes as u64)?;
+        if self.spool.enabled {
+            positive("spool.max_bytes", self.spool.max_bytes)?;
+            positive("spool.segment_bytes", self.spool.segment_bytes)?;
+            if self.spool.dir.as_os_str().is_empty() {
+                return Err(ConfigError::Key {
+                    key: "audit.spool.dir".into(),
+                    origin: String::new(),
+                    message: "must name a directory (or set audit.spool.enabled: false)".into(),
+                });
+            }
+        }
         let t = &self.retention.cleanup_time;
         let valid_time = t
             .split_once(':')

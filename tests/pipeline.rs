@@ -16,7 +16,7 @@ use common::TestDb;
 use opsagent_audit::config::{AsyncConfig, LimitsConfig};
 use opsagent_audit::model::Interaction;
 use opsagent_audit::pipeline::{AuditLogger, DropReason, Outcome};
-use opsagent_audit::store::{Backend, Readiness, Store, StoreError, WriteSummary};
+use opsagent_audit::store::{Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -57,6 +57,12 @@ impl Store for GatedStore {
     }
     async fn count_interactions(&self) -> Result<u64, StoreError> {
         self.inner.count_interactions().await
+    }
+    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        self.inner.write_dead_letters(letters).await
+    }
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.list_dead_letters(limit).await
     }
     async fn close(&self) {
         self.inner.close().await

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,21 +197,40 @@ async fn data_the_database_refuses_is_rejected_not_transient(db: &TestDb) {
 
 async fn bad_records_are_isolated_and_the_rest_of_the_batch_committed(db: &TestDb) {
     let store = db.store().await;
-    let log = logger(store.clone(), 100, 1 << 20);
-    let mut batch = simple(Uuid::now_v7(), 100);
-    for i in [3, 50, 97] {
+    // One batch of 1,000 with three records the database refuses (a CHECK constraint).
+    let log = logger(store.clone(), 1000, 1 << 20);
+    let mut batch = simple(Uuid::now_v7(), 1000);
+    for i in [3, 500, 997] {
         batch[i].output_tokens = Some(-1);
     }
-    let bad: Vec<Uuid> = [3, 50, 97].iter().map(|&i| batch[i].interaction_id).collect();
+    let bad: BTreeSet<Uuid> = [3, 500, 997].iter().map(|&i| batch[i].interaction_id).collect();
     for r in batch {
         log.log(r);
     }
-    let report = log.shutdown(Duration::from_secs(30)).await;
-    assert_eq!((report.stats.committed, report.stats.rejected), (97, 3));
-    assert_eq!(store.count_interactions().await.unwrap(), 97);
-    for id in bad {
-        assert!(matches!(store.get_interaction(id).await, Err(StoreError::NotFound)));
+    let report = log.shutdown(Duration::from_secs(60)).await;
+    assert_eq!((report.stats.committed, report.stats.dead_lettered, report.stats.rejected), (997, 3, 0));
+    assert_eq!(report.stats.dropped_total(), 0);
+    assert_eq!(store.count_interactions().await.unwrap(), 997);
+    for id in &bad {
+        assert!(matches!(store.get_interaction(*id).await, Err(StoreError::NotFound)));
     }
+    let letters = store.list_dead_letters(100).await.unwrap();
+    assert_eq!(letters.iter().map(|l| l.interaction_id).collect::<BTreeSet<_>>(), bad);
+    for letter in &letters {
+        assert!(letter.error.to_lowercase().contains("constraint"), "reason is kept: {}", letter.error);
+        let record: Interaction = serde_json::from_str(&letter.record).expect("the record is kept as JSON");
+        assert_eq!(record.interaction_id, letter.interaction_id);
+        assert_eq!(record.output_tokens, Some(-1));
+        assert_eq!(letter.attempts, 1);
+    }
+    // Re-delivering a poison record counts another attempt; it does not add a row.
+    let again = serde_json::from_str::<Interaction>(&letters[0].record).unwrap();
+    let log = logger(store.clone(), 10, 1 << 20);
+    log.log(again);
+    log.shutdown(Duration::from_secs(30)).await;
+    let letters = store.list_dead_letters(100).await.unwrap();
+    assert_eq!(letters.len(), 3);
+    assert_eq!(letters.iter().map(|l| l.attempts).max(), Some(2));
 }
 
 async fn nul_bytes_are_sanitised_never_a_failure(db: &TestDb) {

@@ -52,13 +52,38 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: the database answers and every migration is applied.
+/// Readiness: the database answers and every migration is applied. With a spool, a
+/// database outage is `degraded` but still ready (`200`): ingest keeps accepting into the
+/// spool, which is the point of having one. Without a spool it is `503`.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let queued = app.logger.queue_len();
-    match tokio::time::timeout(Duration::from_secs(3), app.store.readiness()).await {
-        Ok(Ok(r)) if r.is_ready() => {
-            (StatusCode::OK, Json(json!({ "status": "ready", "queued": queued }))).into_response()
+    let pipeline = app.logger.snapshot();
+    let unavailable = |error: String| {
+        if app.logger.has_spool() {
+            (
+                StatusCode::OK,
+                Json(json!({
+                    "status": "degraded",
+                    "database": "unavailable",
+                    "error": error,
+                    "detail": "records are being spooled to disk and will be written when the database returns",
+                    "pipeline": pipeline,
+                })),
+            )
+                .into_response()
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "database_unavailable", "error": error, "pipeline": pipeline })),
+            )
+                .into_response()
         }
+    };
+    match tokio::time::timeout(Duration::from_secs(3), app.store.readiness()).await {
+        Ok(Ok(r)) if r.is_ready() => match app.logger.database_down() {
+            // The database answers a probe but batch writes still fail.
+            Some(error) => unavailable(error),
+            None => (StatusCode::OK, Json(json!({ "status": "ready", "pipeline": pipeline }))).into_response(),
+        },
         Ok(Ok(r)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
@@ -68,16 +93,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
             })),
         )
             .into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database_unavailable", "error": e.to_string(), "queued": queued })),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database_unavailable", "error": "no answer within 3s", "queued": queued })),
-        )
-            .into_response(),
+        Ok(Err(e)) => unavailable(e.to_string()),
+        Err(_) => unavailable("no answer within 3s".into()),
     }
 }
 

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::record::{parse_record, FieldError};
 use crate::api::{ApiError, AppState, ErrorBody};
+use crate::config::AckMode;
 use crate::model::Interaction;
 
 /// The answer to an ingest request.
@@ -36,7 +37,8 @@ pub struct RecordResult {
     pub index: usize,
     /// The stored id, when accepted.
     pub interaction_id: Option<Uuid>,
-    /// `accepted` or `rejected`.
+    /// `accepted`, `rejected` (invalid), or `failed` (valid, but not stored durably:
+    /// send it again).
     pub status: String,
     /// Why it was rejected.
     pub error: Option<ErrorBody>,
@@ -165,17 +167,17 @@ pub async fn post_interactions(
         }
     }
     let mut response = IngestResponse { accepted: 0, rejected: 0, results: Vec::with_capacity(parsed.len()) };
+    let mut valid: Vec<(usize, Interaction)> = Vec::with_capacity(parsed.len());
     for (index, outcome) in parsed.into_iter().enumerate() {
         match outcome {
             Ok(record) => {
-                response.accepted += 1;
                 response.results.push(RecordResult {
                     index,
                     interaction_id: Some(record.interaction_id),
                     status: "accepted".into(),
                     error: None,
                 });
-                app.logger.log(record);
+                valid.push((index, record));
             }
             Err(e) => {
                 response.rejected += 1;
@@ -188,14 +190,78 @@ pub async fn post_interactions(
             }
         }
     }
-    if response.accepted == 0 {
+    if valid.is_empty() {
         let error =
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "all_rejected", "every record was rejected; see results");
         let mut body = serde_json::to_value(&response).unwrap_or_default();
         body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response());
     }
+    let not_durable = match app.config.pipeline.ack {
+        AckMode::Queued => {
+            response.accepted = valid.len();
+            for (_, record) in valid {
+                app.logger.log(record);
+            }
+            0
+        }
+        AckMode::Durable => acknowledge_durably(&app, valid, &mut response).await,
+    };
+    if not_durable > 0 {
+        // Some records are not safe: the client should send them again (with their
+        // interaction_id, re-sending what did get stored is harmless).
+        let error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_durable",
+            format!("{not_durable} record(s) could not be stored durably; see results and retry them"),
+        );
+        let mut body = serde_json::to_value(&response).unwrap_or_default();
+        body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+    }
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
+}
+
+/// Waits until every record is fsync'd in the spool or committed, within
+/// `async.ack_timeout`. Marks the ones that are not as `failed`; returns how many.
+async fn acknowledge_durably(app: &AppState, valid: Vec<(usize, Interaction)>, response: &mut IngestResponse) -> usize {
+    let indexes: Vec<usize> = valid.iter().map(|(i, _)| *i).collect();
+    let all = futures::future::join_all(valid.into_iter().map(|(_, record)| app.logger.log_durable(record)));
+    let outcomes: Vec<Result<(), ErrorBody>> = match tokio::time::timeout(app.config.pipeline.ack_timeout, all).await {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| {
+                o.map(|_| ()).map_err(|e| {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.reason.as_str(), e.detail).body()
+                })
+            })
+            .collect(),
+        Err(_) => {
+            let body = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ack_timeout",
+                format!(
+                    "not stored durably within {:?} (audit.async.ack_timeout); it may still be stored",
+                    app.config.pipeline.ack_timeout
+                ),
+            )
+            .body();
+            indexes.iter().map(|_| Err(body.clone())).collect()
+        }
+    };
+    let mut failed = 0;
+    for (index, outcome) in indexes.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(()) => response.accepted += 1,
+            Err(error) => {
+                failed += 1;
+                let result = &mut response.results[index];
+                result.status = "failed".into();
+                result.error = Some(error);
+            }
+        }
+    }
+    failed
 }
 
 fn invalid(e: &FieldError) -> ApiError {

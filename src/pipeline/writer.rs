@@ -1,5 +1,8 @@
-//! A batch writer: takes batches from the queue and gets each into the store.
+//! A batch writer: takes batches from the memory queue and the spool and gets each into
+//! the store.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,9 +10,9 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Batch, DropReason, Envelope, Outcome, Shared};
+use super::{Batch, DropReason, Envelope, Origin, Outcome, Shared};
 use crate::model::Interaction;
-use crate::store::StoreError;
+use crate::store::{DeadLetter, StoreError};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -17,14 +20,56 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Runs one writer until the queue is closed and drained, or shutdown gives up.
 pub(super) async fn run(id: usize, shared: Arc<Shared>) {
     tracing::debug!(writer = id, "audit writer started");
+    // Writers alternate between the spool and the memory queue when both have work, so
+    // a spool backlog drains while new records keep flowing.
+    let mut prefer_spool = id % 2 == 0;
     loop {
-        let batch = shared.queue.next_batch(shared.settings.batch_size, shared.settings.batch_interval).await;
+        let batch = next_batch(&shared, prefer_spool).await;
+        prefer_spool = !prefer_spool;
+        let Some(batch) = batch else { break };
         if batch.is_empty() {
-            break;
+            continue;
         }
         write(&shared, batch).await;
     }
     tracing::debug!(writer = id, "audit writer stopped");
+}
+
+/// The next batch from either source; `None` once the queue is closed and drained.
+async fn next_batch(shared: &Shared, prefer_spool: bool) -> Option<Batch> {
+    let memory = async {
+        let batch = shared.queue.next_batch(shared.settings.batch_size, shared.settings.batch_interval).await;
+        // Empty means closed and drained.
+        if batch.is_empty() {
+            None
+        } else {
+            Some(batch)
+        }
+    };
+    let Some(spool_batches) = shared.spool_batches.as_ref().filter(|_| !shared.closing.load(Ordering::Acquire))
+    else {
+        return memory.await;
+    };
+    let spool = async {
+        match spool_batches.lock().await.recv().await {
+            Some(batch) => batch,
+            // The reader stopped (shutdown): wait for the memory side to finish.
+            None => std::future::pending().await,
+        }
+    };
+    if prefer_spool {
+        tokio::select! {
+            biased;
+            batch = spool => Some(batch),
+            batch = memory => batch,
+        }
+    } else {
+        tokio::select! {
+            biased;
+            batch = memory => batch,
+            batch = spool => Some(batch),
+        }
+    }
 }
 
 /// Writes a batch: retries failures that are not about the data, and splits a batch the
@@ -35,18 +80,28 @@ async fn write(shared: &Shared, batch: Batch) {
     let mut parts: Vec<Vec<Envelope>> = vec![batch.envelopes];
     let mut attempt: u32 = 0;
     while let Some(mut part) = parts.pop() {
+        // While the database is down, memory records go to disk at once instead of
+        // waiting here; spool records are what probes for the database's return.
+        if shared.spool.is_some() && shared.health.is_down() && part.iter().all(|e| e.origin == Origin::Memory) {
+            shared.spill(part, DropReason::Shutdown, "database down");
+            continue;
+        }
         // The store takes a slice of records; the envelopes are split off and rejoined
         // so no record is cloned on the hot path.
-        let (records, meta): (Vec<Interaction>, Vec<Meta>) =
-            part.drain(..).map(|e| (e.record, Meta { enqueued_at: e.enqueued_at, ack: e.ack })).unzip();
+        let (records, meta): (Vec<Interaction>, Vec<Meta>) = part
+            .drain(..)
+            .map(|e| (e.record, Meta { enqueued_at: e.enqueued_at, ack: e.ack, origin: e.origin }))
+            .unzip();
         match shared.store.write_batch(&records).await {
             Ok(summary) => {
                 attempt = 0;
+                shared.health.succeeded();
                 let stats = &shared.stats;
                 stats.committed.fetch_add(summary.inserted, Ordering::Relaxed);
                 stats.duplicates.fetch_add(summary.duplicates, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.record_latency(&meta.iter().map(|m| m.enqueued_at).collect::<Vec<_>>());
+                settle_spool(shared, meta.iter().map(|m| m.origin));
                 for (record, m) in records.iter().zip(meta) {
                     if let Some(ack) = m.ack {
                         let _ = ack.send(if summary.already_stored.contains(&record.interaction_id) {
@@ -58,12 +113,12 @@ async fn write(shared: &Shared, batch: Batch) {
                 }
             }
             Err(e @ StoreError::Rejected(_)) => {
+                shared.health.succeeded();
                 shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 let envelopes = rejoin(records, meta);
                 if envelopes.len() == 1 {
                     let envelope = envelopes.into_iter().next().expect("one envelope");
-                    tracing::error!(interaction_id = %envelope.record.interaction_id, error = %e, "database refused an audit record");
-                    shared.drop_record(envelope, DropReason::Rejected, &e.to_string());
+                    dead_letter(shared, envelope, &e).await;
                 } else {
                     tracing::warn!(records = envelopes.len(), error = %e, "database refused a batch; splitting it to isolate the bad records");
                     let mut first = envelopes;
@@ -74,7 +129,12 @@ async fn write(shared: &Shared, batch: Batch) {
             }
             Err(e) => {
                 shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                shared.health.failed(&e.to_string(), shared.spool.is_some());
                 let envelopes = rejoin(records, meta);
+                if shared.spool.is_some() && envelopes.iter().all(|e| e.origin == Origin::Memory) {
+                    shared.spill(envelopes, DropReason::Shutdown, "database down");
+                    continue;
+                }
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(records = envelopes.len(), attempt, retry_in = ?delay, error = %e, "audit batch write failed; retrying");
@@ -83,9 +143,10 @@ async fn write(shared: &Shared, batch: Batch) {
                     _ = shared.give_up.cancelled() => {}
                 }
                 if shared.give_up.is_cancelled() {
-                    for envelope in envelopes.into_iter().chain(parts.drain(..).flatten()) {
-                        shared.drop_record(envelope, DropReason::Shutdown, "shutdown deadline passed during retries");
-                    }
+                    // Memory records go to the spool (or are dropped without one); spool
+                    // records stay on disk for the next start.
+                    let rest: Vec<Envelope> = envelopes.into_iter().chain(parts.drain(..).flatten()).collect();
+                    shared.spill(rest, DropReason::Shutdown, "shutdown deadline passed during retries");
                     return;
                 }
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -95,16 +156,75 @@ async fn write(shared: &Shared, batch: Batch) {
     }
 }
 
+/// Tells the spool that these records are settled, segment by segment.
+fn settle_spool(shared: &Shared, origins: impl Iterator<Item = Origin>) {
+    let Some(spool) = &shared.spool else { return };
+    let mut per_segment: BTreeMap<u64, u64> = BTreeMap::new();
+    for origin in origins {
+        if let Origin::Spool(r) = origin {
+            *per_segment.entry(r.segment).or_default() += 1;
+        }
+    }
+    for (segment, n) in per_segment {
+        spool.ack(segment, n);
+    }
+}
+
+/// Keeps a refused record aside with the reason: in the `dead_letters` table, else in
+/// `dead-letters.ndjson` in the spool directory, else (nowhere to keep it) counted as
+/// dropped. A dead letter is never retried into the batch.
+async fn dead_letter(shared: &Shared, envelope: Envelope, error: &StoreError) {
+    let reason = error.to_string();
+    let letter = DeadLetter::new(&envelope.record, reason.clone());
+    let id = envelope.record.interaction_id;
+    let stored = match shared.store.write_dead_letters(std::slice::from_ref(&letter)).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(interaction_id = %id, error = %e, "cannot write to the dead-letter table; trying the dead-letter file");
+            dead_letter_file(shared, &letter)
+        }
+    };
+    if !stored {
+        shared.drop_record(envelope, DropReason::Rejected, &reason);
+        return;
+    }
+    tracing::error!(interaction_id = %id, error = %reason, "database refused an audit record; dead-lettered");
+    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    settle_spool(shared, std::iter::once(envelope.origin));
+    envelope.resolve(Outcome::DeadLettered(reason));
+}
+
+/// Appends a dead letter to the spool directory's `dead-letters.ndjson`.
+fn dead_letter_file(shared: &Shared, letter: &DeadLetter) -> bool {
+    let Some(spool) = &shared.spool else { return false };
+    let path = spool.dir().join("dead-letters.ndjson");
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut line = serde_json::to_vec(letter).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        file.write_all(&line)?;
+        file.sync_data()
+    })();
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the dead-letter file");
+            false
+        }
+    }
+}
+
 struct Meta {
     enqueued_at: Instant,
     ack: Option<tokio::sync::oneshot::Sender<Outcome>>,
+    origin: Origin,
 }
 
 fn rejoin(records: Vec<Interaction>, meta: Vec<Meta>) -> Vec<Envelope> {
     records
         .into_iter()
         .zip(meta)
-        .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, ack: m.ack })
+        .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, ack: m.ack, origin: m.origin })
         .collect()
 }
 

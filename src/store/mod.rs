@@ -43,6 +43,37 @@ pub struct WriteSummary {
     pub already_stored: Vec<Uuid>,
 }
 
+/// A record the database refused because of its data, kept aside with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// The refused record's id.
+    pub interaction_id: Uuid,
+    /// The record as JSON, as it was when refused.
+    pub record: String,
+    /// What the database said.
+    pub error: String,
+    /// How many times it was refused (re-deliveries of the same record add up).
+    pub attempts: i32,
+    /// When it was last refused.
+    pub failed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl DeadLetter {
+    /// A dead letter for `record`, refused now for `error`.
+    pub fn new(record: &Interaction, error: impl Into<String>) -> DeadLetter {
+        DeadLetter {
+            interaction_id: record.interaction_id,
+            // Serialising a record of plain strings and numbers cannot fail; the fallback
+            // keeps the id if it ever does.
+            record: serde_json::to_string(record)
+                .unwrap_or_else(|e| format!("{{\"interaction_id\":\"{}\",\"unserialisable\":\"{e}\"}}", record.interaction_id)),
+            error: error.into(),
+            attempts: 1,
+            failed_at: chrono::Utc::now(),
+        }
+    }
+}
+
 /// Whether the store can take writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
@@ -121,6 +152,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Number of stored interactions.
     async fn count_interactions(&self) -> Result<u64, StoreError>;
+
+    /// Stores refused records aside, in one transaction. A record dead-lettered again
+    /// (re-delivery) updates its row and counts the attempt.
+    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
+
+    /// The most recent dead letters, newest first.
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Closes the connections.
     async fn close(&self);

@@ -18,7 +18,7 @@ use sqlx::Row;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{dedup_sorted, sessions_of, Backend, Readiness, Store, StoreError, WriteSummary};
+use super::{dedup_sorted, sessions_of, Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
 use crate::config::DatabaseConfig;
 use crate::model::{Interaction, Status, Thought, ToolCall};
 
@@ -316,6 +316,54 @@ impl Store for PostgresStore {
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
+    }
+
+    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut letters: Vec<&DeadLetter> = letters.iter().collect();
+        // One row per id: ON CONFLICT cannot touch the same row twice in one statement.
+        letters.sort_by_key(|l| l.interaction_id);
+        letters.dedup_by_key(|l| l.interaction_id);
+        sqlx::query(
+            "INSERT INTO dead_letters (interaction_id, record, error, failed_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+             ON CONFLICT (interaction_id) DO UPDATE
+             SET error = EXCLUDED.error, failed_at = EXCLUDED.failed_at,
+                 attempts = dead_letters.attempts + 1, record = EXCLUDED.record",
+        )
+        .bind(letters.iter().map(|l| l.interaction_id).collect::<Vec<_>>())
+        .bind(letters.iter().map(|l| l.record.as_str()).collect::<Vec<_>>())
+        .bind(letters.iter().map(|l| l.error.as_str()).collect::<Vec<_>>())
+        .bind(letters.iter().map(|l| l.failed_at).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT interaction_id, record, error, attempts, failed_at FROM dead_letters
+             ORDER BY failed_at DESC, id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    interaction_id: row.try_get("interaction_id")?,
+                    record: row.try_get("record")?,
+                    error: row.try_get("error")?,
+                    attempts: row.try_get("attempts")?,
+                    failed_at: row.try_get("failed_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::Other)
     }
 
     async fn close(&self) {

@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{dedup_sorted, sessions_of, Backend, Readiness, Store, StoreError, WriteSummary};
+use super::{dedup_sorted, sessions_of, Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
 use crate::model::{Interaction, Status, Thought, ToolCall};
 
 /// The SQLite schema, embedded at build time.
@@ -334,6 +334,52 @@ impl Store for SqliteStore {
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
+    }
+
+    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<serde_json::Value> = letters
+            .iter()
+            .map(|l| json!([l.interaction_id.to_string(), l.record, l.error, format_time(&l.failed_at)]))
+            .collect();
+        let _guard = self.write_lock.lock().await;
+        sqlx::query(
+            "INSERT INTO dead_letters (interaction_id, record, error, failed_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1) WHERE true
+             ON CONFLICT (interaction_id) DO UPDATE
+             SET error = excluded.error, failed_at = excluded.failed_at,
+                 attempts = dead_letters.attempts + 1, record = excluded.record",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT interaction_id, record, error, attempts, failed_at FROM dead_letters
+             ORDER BY failed_at DESC, id DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    interaction_id: parse_uuid(row.try_get("interaction_id")?)?,
+                    record: row.try_get("record")?,
+                    error: row.try_get("error")?,
+                    attempts: row.try_get("attempts")?,
+                    failed_at: parse_time(row.try_get("failed_at")?)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::Other)
     }
 
     async fn close(&self) {

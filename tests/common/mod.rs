@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use opsagent_audit::api::{router, AppState};
 use opsagent_audit::config::{AsyncConfig, Config, LimitsConfig};
-use opsagent_audit::pipeline::AuditLogger;
+use opsagent_audit::pipeline::{AuditLogger, Spool};
 use opsagent_audit::store::{self, Store};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
@@ -112,6 +112,7 @@ pub struct TestApp {
     /// An HTTP client.
     pub client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
+    _spool_dir: Option<tempfile::TempDir>,
 }
 
 impl TestApp {
@@ -147,15 +148,28 @@ pub async fn wait_for_count(store: &dyn Store, n: u64) {
 }
 
 /// Starts the real router on 127.0.0.1:0 over `db` (migrated), with `config`.
+/// With `spool.enabled` (the default), the spool lives in a temporary directory owned by
+/// the returned app.
 pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
     config.database.url = Some(db.url.clone());
     let store = db.store().await;
+    let mut spool_dir = None;
     let logger = if config.enabled {
-        AuditLogger::start(store.clone(), &config.pipeline, &config.limits)
+        let spool = if config.spool.enabled {
+            let dir = tempfile::tempdir().expect("spool temp dir");
+            config.spool.dir = dir.path().to_path_buf();
+            spool_dir = Some(dir);
+            Some(Spool::open(&config.spool, config.pipeline.queue_size).expect("open spool"))
+        } else {
+            None
+        };
+        AuditLogger::start_with_spool(store.clone(), &config.pipeline, &config.limits, spool)
     } else {
         AuditLogger::disabled()
     };
-    spawn_router(store, logger, config).await
+    let mut app = spawn_router(store, logger, config).await;
+    app._spool_dir = spool_dir;
+    app
 }
 
 /// Starts the router over an already opened store and logger.
@@ -166,7 +180,7 @@ pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Co
     let server = tokio::spawn(async move {
         axum::serve(listener, router(state)).await.expect("serve");
     });
-    TestApp { address, logger, store, client: reqwest::Client::new(), server }
+    TestApp { address, logger, store, client: reqwest::Client::new(), server, _spool_dir: None }
 }
 
 /// Starts the server with test-friendly pipeline settings (short batch interval).

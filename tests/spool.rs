@@ -1,0 +1,289 @@
+//! The disk spool on real files: order, group-committed appends, segment deletion after
+//! commit, torn and corrupt tails, the directory lock, and the three full policies.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use opsagent_audit::config::{FullPolicy, SpoolConfig};
+use opsagent_audit::model::Interaction;
+use opsagent_audit::pipeline::{Batch, Origin, Spool, SpoolError};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+fn config(dir: &Path) -> SpoolConfig {
+    SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }
+}
+
+fn records(n: usize) -> Vec<Interaction> {
+    (0..n).map(|i| Interaction::new(format!("question {i}: {}", "x".repeat(200)))).collect()
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read spool dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Reads `n` records back (bounded in time) and returns them with their segments.
+async fn read_n(rx: &mut mpsc::Receiver<Batch>, n: usize) -> Vec<(Interaction, u64)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} spooled records read back within 10 s", out.len()))
+            .expect("reader running");
+        for e in batch.envelopes {
+            let Origin::Spool(r) = e.origin else { panic!("spool batch with a memory record") };
+            out.push((e.record, r.segment));
+        }
+    }
+    out
+}
+
+fn ack_all(spool: &Spool, read: &[(Interaction, u64)]) {
+    for (_, segment) in read {
+        spool.ack(*segment, 1);
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_come_back_in_order_and_settled_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments so the records span several files.
+    let spool = Spool::open(&SpoolConfig { segment_bytes: 16 * 1024, ..config(dir.path()) }, 1000).unwrap();
+    let sent = records(300);
+    let acks = futures::future::join_all(sent.iter().map(|r| spool.append_durable(r))).await;
+    assert!(acks.iter().all(|a| a.is_ok()), "{acks:?}");
+    assert_eq!(spool.stats().spooled.load(Ordering::Relaxed), 300);
+    assert!(segments(dir.path()).len() > 3, "several segments: {:?}", segments(dir.path()));
+
+    let mut rx = spool.start_reader(64);
+    let read = read_n(&mut rx, 300).await;
+    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    assert_eq!(ids, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>(), "same records, same order");
+    assert_eq!(read[7].0, sent[7], "records round-trip unchanged");
+
+    // Nothing is deleted before it is acknowledged.
+    assert!(!segments(dir.path()).is_empty());
+    ack_all(&spool, &read);
+    wait_until("every segment deleted", || segments(dir.path()).is_empty()).await;
+    assert!(spool.is_empty());
+    assert_eq!(spool.stats().records.load(Ordering::Relaxed), 0);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_records_are_replayed_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let sent = records(50);
+    {
+        let spool = Spool::open(&config(dir.path()), 1000).unwrap();
+        for r in &sent {
+            spool.append_durable(r).await.unwrap();
+        }
+        // Read some and acknowledge only the first 20, then stop.
+        let mut rx = spool.start_reader(10);
+        let read = read_n(&mut rx, 30).await;
+        ack_all(&spool, &read[..20]);
+        spool.close().await;
+    }
+    let spool = Spool::open(&config(dir.path()), 1000).unwrap();
+    assert_eq!(spool.stats().records.load(Ordering::Relaxed), 50, "a segment is kept whole until all of it settles");
+    let mut rx = spool.start_reader(100);
+    let read = read_n(&mut rx, 50).await;
+    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    assert_eq!(ids, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>());
+    spool.close().await;
+}
+
+/// Writes `n` records, closes, and returns the one segment's path.
+async fn spool_with(dir: &Path, sent: &[Interaction]) -> PathBuf {
+    let spool = Spool::open(&config(dir), 1000).unwrap();
+    for r in sent {
+        spool.append_durable(r).await.unwrap();
+    }
+    spool.close().await;
+    let segs = segments(dir);
+    assert_eq!(segs.len(), 1);
+    segs[0].clone()
+}
+
+async fn reopen_and_read(dir: &Path, expect: usize) -> (Spool, Vec<Interaction>) {
+    let spool = Spool::open(&config(dir), 1000).expect("a corrupt tail is never a start-up failure");
+    let mut rx = spool.start_reader(1000);
+    let read = read_n(&mut rx, expect).await;
+    // Nothing more arrives.
+    assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err());
+    (spool, read.into_iter().map(|(r, _)| r).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_truncated_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sent = records(10);
+    let seg = spool_with(dir.path(), &sent).await;
+    let len = fs::metadata(&seg).unwrap().len();
+    // A crash in the middle of writing the last frame.
+    let file = fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    file.set_len(len - 7).unwrap();
+    drop(file);
+
+    let (spool, read) = reopen_and_read(dir.path(), 9).await;
+    assert_eq!(read, sent[..9].to_vec());
+    let stats = spool.stats();
+    assert_eq!(stats.corrupt_records.load(Ordering::Relaxed), 1);
+    let frame = len - fs::metadata(&seg).unwrap().len();
+    assert_eq!(stats.corrupt_bytes.load(Ordering::Relaxed), frame - 7, "the torn part of the frame is discarded");
+    assert!(fs::metadata(&seg).unwrap().len() < len - 7, "the file is truncated at the last good frame");
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_fail_the_crc_and_end_the_segment_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let sent = records(10);
+    let seg = spool_with(dir.path(), &sent).await;
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0xff;
+    bytes[at + 1] ^= 0x55;
+    fs::write(&seg, &bytes).unwrap();
+
+    let (spool, read) = reopen_and_read(dir.path(), 9).await;
+    assert_eq!(read, sent[..9].to_vec());
+    assert_eq!(spool.stats().corrupt_records.load(Ordering::Relaxed), 1);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_segments_and_empty_files_do_not_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sent = records(3);
+    spool_with(dir.path(), &sent).await;
+    fs::write(dir.path().join("00000000000000ff.seg"), b"not a spool segment at all").unwrap();
+    fs::write(dir.path().join("00000000000000fe.seg"), b"").unwrap();
+    let (spool, read) = reopen_and_read(dir.path(), 3).await;
+    assert_eq!(read, sent);
+    assert_eq!(spool.stats().corrupt_records.load(Ordering::Relaxed), 1, "the garbage file is counted");
+    assert!(!dir.path().join("00000000000000ff.seg").exists());
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&config(dir.path()), 10).unwrap();
+    match Spool::open(&config(dir.path()), 10) {
+        Err(SpoolError::Locked(d)) => assert_eq!(d, dir.path()),
+        other => panic!("second open must fail with Locked, got {other:?}"),
+    }
+    spool.close().await;
+    drop(spool);
+    Spool::open(&config(dir.path()), 10).expect("free again once the first is gone").close().await;
+}
+
+fn small(dir: &Path, policy: FullPolicy) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 256 * 1024,
+        segment_bytes: 32 * 1024,
+        full_policy: policy,
+        ..SpoolConfig::default()
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    segments(dir).iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_with_drop_oldest_keeps_the_newest_and_counts_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&small(dir.path(), FullPolicy::DropOldest), 100_000).unwrap();
+    let sent = records(3000); // ~0.75 MB of frames into a 256 KiB spool
+    for chunk in sent.chunks(100) {
+        let acks = futures::future::join_all(chunk.iter().map(|r| spool.append_durable(r))).await;
+        assert!(acks.iter().all(|a| a.is_ok()), "drop_oldest always takes the new record");
+        assert!(dir_bytes(dir.path()) <= 256 * 1024, "disk use stays under max_bytes");
+    }
+    let stats = spool.stats();
+    let dropped = stats.dropped_full.load(Ordering::Relaxed);
+    let kept = stats.records.load(Ordering::Relaxed);
+    assert!(dropped > 0);
+    assert_eq!(dropped + kept, 3000, "every record is either kept or counted as dropped");
+    let mut rx = spool.start_reader(5000);
+    let read = read_n(&mut rx, kept as usize).await;
+    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    let newest: Vec<Uuid> = sent[3000 - kept as usize..].iter().map(|r| r.interaction_id).collect();
+    assert_eq!(ids, newest, "the survivors are the newest, in order");
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_with_drop_newest_refuses_new_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&small(dir.path(), FullPolicy::DropNewest), 100_000).unwrap();
+    let sent = records(3000);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for r in &sent {
+        match spool.append_durable(r).await {
+            Ok(()) => accepted.push(r.interaction_id),
+            Err(SpoolError::Full { .. }) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(refused > 0);
+    assert_eq!(spool.stats().dropped_full.load(Ordering::Relaxed), refused);
+    assert_eq!(accepted, sent[..accepted.len()].iter().map(|r| r.interaction_id).collect::<Vec<_>>(), "the oldest are kept");
+    assert!(dir_bytes(dir.path()) <= 256 * 1024);
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_with_block_waits_for_room_then_takes_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&small(dir.path(), FullPolicy::Block), 100_000).unwrap();
+    let sent = records(2000);
+    let mut rx = spool.start_reader(100);
+    let appender = {
+        let spool = spool.clone();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for r in &sent {
+                spool.append_durable(r).await.expect("block never refuses a durable record");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!appender.is_finished(), "the producer waits while the spool is full");
+    assert!(dir_bytes(dir.path()) <= 256 * 1024);
+    // Committing (acknowledging) frees room; everything gets through, in order.
+    let mut seen = Vec::new();
+    while seen.len() < sent.len() {
+        let read = read_n(&mut rx, 1).await;
+        ack_all(&spool, &read);
+        seen.extend(read.into_iter().map(|(r, _)| r.interaction_id));
+    }
+    appender.await.unwrap();
+    assert_eq!(seen, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>());
+    assert_eq!(spool.stats().dropped_full.load(Ordering::Relaxed), 0);
+    let unique: BTreeSet<Uuid> = seen.into_iter().collect();
+    assert_eq!(unique.len(), 2000);
+    spool.close().await;
+}
