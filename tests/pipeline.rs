@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::TestDb;
-use opsagent_audit::config::{AsyncConfig, LimitsConfig};
+use opsagent_audit::config::{AsyncConfig, LimitsConfig, SpoolConfig};
 use opsagent_audit::model::Interaction;
-use opsagent_audit::pipeline::{AuditLogger, DropReason, Outcome};
+use opsagent_audit::pipeline::{AuditLogger, DropReason, Durable, Outcome, Spool};
 use opsagent_audit::store::{Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -233,6 +233,122 @@ async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
     assert_eq!(store.count_interactions().await.unwrap(), 0);
 }
 
+
+fn with_spool(dir: &std::path::Path) -> Spool {
+    Spool::open(&SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }, 10_000).expect("open spool")
+}
+
+async fn while_the_database_is_down_records_go_to_the_spool_and_drain_on_recovery(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLogger::start_with_spool(
+        store.clone(),
+        &config(2, 1000, 50, 20),
+        &LimitsConfig::default(),
+        Some(with_spool(dir.path())),
+    );
+    let batch = records(500);
+    let ids: Vec<Uuid> = batch.iter().map(|r| r.interaction_id).collect();
+    for r in batch {
+        log.log(r);
+    }
+    // Memory does not hold the backlog: it all goes to disk.
+    wait_until("the backlog to be on disk", || log.snapshot().spool_records == 500 && log.queue_len() == 0).await;
+    assert!(log.database_down().is_some(), "the outage is visible");
+    assert_eq!(log.snapshot().dropped_total(), 0);
+
+    store.failing.store(false, Ordering::SeqCst);
+    common::wait_for_count(&*store, 500).await;
+    wait_until("the spool to settle", || log.snapshot().spool_records == 0).await;
+    assert!(log.database_down().is_none(), "recovery is visible");
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(report.stats.committed, 500);
+    assert_eq!(report.stats.dropped_total(), 0);
+    assert!(report.stats.retries > 0 || report.stats.write_errors > 0);
+    assert_eq!(stored_ids(&*store, &ids).await.len(), 500);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert!(leftovers.is_empty(), "committed segments are deleted: {leftovers:?}");
+}
+
+async fn shutdown_spools_what_it_cannot_write_and_the_next_start_replays_it(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    // Without the spool being reached first: a huge interval keeps records in memory.
+    let log = AuditLogger::start_with_spool(
+        store.clone(),
+        &config(1, 10_000, 500, 600_000),
+        &LimitsConfig::default(),
+        Some(with_spool(dir.path())),
+    );
+    let batch = records(300);
+    for r in batch {
+        log.log(r);
+    }
+    let report = log.shutdown(Duration::from_millis(500)).await;
+    assert_eq!(report.stats.dropped_total(), 0, "nothing is dropped when there is a spool");
+    assert_eq!(report.stats.spool_records, 300, "everything unwritten is on disk");
+    assert_eq!(store.count_interactions().await.unwrap(), 0);
+
+    // Next start, database back: the spool is replayed.
+    let log = AuditLogger::start_with_spool(
+        db.store().await,
+        &config(2, 1000, 100, 20),
+        &LimitsConfig::default(),
+        Some(with_spool(dir.path())),
+    );
+    common::wait_for_count(&*store, 300).await;
+    let report = log.shutdown(Duration::from_secs(30)).await;
+    assert_eq!((report.stats.replayed, report.stats.committed), (300, 300));
+    assert_eq!(report.stats.spool_records, 0);
+}
+
+async fn durable_logging_resolves_once_on_disk_even_with_the_database_down(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLogger::start_with_spool(
+        store.clone(),
+        &config(2, 1000, 50, 20),
+        &LimitsConfig::default(),
+        Some(with_spool(dir.path())),
+    );
+    let acks = futures::future::join_all(records(100).into_iter().map(|r| log.log_durable(r))).await;
+    assert!(acks.iter().all(|a| *a == Ok(Durable::Spooled)), "{acks:?}");
+    store.failing.store(false, Ordering::SeqCst);
+    common::wait_for_count(&*store, 100).await;
+    log.shutdown(Duration::from_secs(30)).await;
+}
+
+async fn a_full_queue_overflows_to_the_spool_instead_of_dropping(db: &TestDb) {
+    let (store, gate) = gated(db, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLogger::start_with_spool(
+        store.clone(),
+        &config(1, 10, 5, 60_000),
+        &LimitsConfig::default(),
+        Some(with_spool(dir.path())),
+    );
+    let batch = records(200);
+    let ids: Vec<Uuid> = batch.iter().map(|r| r.interaction_id).collect();
+    for r in batch {
+        log.log(r);
+    }
+    let stats = log.snapshot();
+    assert_eq!(stats.dropped_total(), 0);
+    assert!(stats.spilled >= 180, "the overflow went to disk: {stats:?}");
+    assert!(log.queue_len() <= 10, "memory stays bounded");
+    gate.send(true).unwrap();
+    common::wait_for_count(&*store, 200).await;
+    log.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(stored_ids(&*store, &ids).await.len(), 200);
+}
+
 both_backends!(
     a_full_queue_drops_the_oldest_and_counts_it,
     a_full_batch_is_written_without_waiting_for_the_interval,
@@ -242,6 +358,10 @@ both_backends!(
     transient_failures_are_retried_until_the_write_succeeds,
     records_left_at_the_shutdown_deadline_are_counted_not_lost_silently,
     records_after_shutdown_are_refused_and_counted,
+    while_the_database_is_down_records_go_to_the_spool_and_drain_on_recovery,
+    shutdown_spools_what_it_cannot_write_and_the_next_start_replays_it,
+    durable_logging_resolves_once_on_disk_even_with_the_database_down,
+    a_full_queue_overflows_to_the_spool_instead_of_dropping,
 );
 
 #[tokio::test]

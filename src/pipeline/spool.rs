@@ -134,8 +134,9 @@ struct Segment {
 }
 
 impl Segment {
+    /// Sealed, every record read, and every record read settled: safe to delete.
     fn settled(&self) -> bool {
-        self.sealed && self.read_done && self.acked >= self.read
+        self.sealed && self.read >= self.records && self.acked >= self.read
     }
 }
 
@@ -166,7 +167,7 @@ struct Inner {
     appender: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     /// Held for the spool's lifetime: the exclusive lock on `DIR/LOCK`.
-    _lock: File,
+    lock: File,
 }
 
 /// A handle on the spool. Cheap to clone.
@@ -355,7 +356,7 @@ impl Spool {
             stop_reading: CancellationToken::new(),
             appender: Mutex::new(None),
             closed: AtomicBool::new(false),
-            _lock: lock,
+            lock,
         });
         let appender_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -469,6 +470,10 @@ impl Spool {
         let handle = self.inner.appender.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        // Let the next owner in now, not when the last handle is dropped.
+        if let Err(e) = self.inner.lock.unlock() {
+            tracing::warn!(error = %e, "cannot release the spool lock");
         }
         let stats = &self.inner.stats;
         tracing::info!(

@@ -135,6 +135,11 @@ async fn write(shared: &Shared, batch: Batch) {
                     shared.spill(envelopes, DropReason::Shutdown, "database down");
                     continue;
                 }
+                // Records that reached memory before the outage was noticed go to disk
+                // too, rather than waiting behind this retry.
+                if shared.spool.is_some() {
+                    shared.spill(shared.queue.drain_all(), DropReason::Shutdown, "database down");
+                }
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(records = envelopes.len(), attempt, retry_in = ?delay, error = %e, "audit batch write failed; retrying");
