@@ -5,6 +5,8 @@
 //! 127.0.0.1:5432. If none answers, the test fails with what to start; it never skips.
 #![allow(dead_code)]
 
+pub mod pg_cluster;
+
 use std::sync::Arc;
 use std::time::Duration;
 
