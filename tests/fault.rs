@@ -171,7 +171,8 @@ impl Load {
 
 async fn stored(url: &str) -> (BTreeSet<Uuid>, u64) {
     let mut conn = PgConnection::connect(url).await.expect("connect to check");
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT interaction_id FROM interactions").fetch_all(&mut conn).await.expect("ids");
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT interaction_id FROM interactions").fetch_all(&mut conn).await.expect("ids");
     let rows = ids.len() as u64;
     conn.close().await.ok();
     (ids.into_iter().collect(), rows)

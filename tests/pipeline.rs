@@ -233,7 +233,6 @@ async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
     assert_eq!(store.count_interactions().await.unwrap(), 0);
 }
 
-
 fn with_spool(dir: &std::path::Path) -> Spool {
     Spool::open(&SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }, 10_000).expect("open spool")
 }

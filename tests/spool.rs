@@ -250,7 +250,11 @@ async fn full_with_drop_newest_refuses_new_records() {
     }
     assert!(refused > 0);
     assert_eq!(spool.stats().dropped_full.load(Ordering::Relaxed), refused);
-    assert_eq!(accepted, sent[..accepted.len()].iter().map(|r| r.interaction_id).collect::<Vec<_>>(), "the oldest are kept");
+    assert_eq!(
+        accepted,
+        sent[..accepted.len()].iter().map(|r| r.interaction_id).collect::<Vec<_>>(),
+        "the oldest are kept"
+    );
     assert!(dir_bytes(dir.path()) <= 256 * 1024);
     spool.close().await;
 }

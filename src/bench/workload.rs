@@ -132,7 +132,7 @@ impl Workload {
             });
         }
         r.final_answer = Some(pick(&self.answers));
-        r.status = if i % 50 == 0 { Status::Error } else { Status::Success };
+        r.status = if i.is_multiple_of(50) { Status::Error } else { Status::Success };
         r.http_status = Some(if r.status == Status::Error { 500 } else { 200 });
         r.total_duration_ms = Some(2000 + (i as i64 % 5000));
         r.assistant_duration_ms = Some(1500 + (i as i64 % 4000));

@@ -231,9 +231,8 @@ async fn acknowledge_durably(app: &AppState, valid: Vec<(usize, Interaction)>, r
         Ok(outcomes) => outcomes
             .into_iter()
             .map(|o| {
-                o.map(|_| ()).map_err(|e| {
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.reason.as_str(), e.detail).body()
-                })
+                o.map(|_| ())
+                    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.reason.as_str(), e.detail).body())
             })
             .collect(),
         Err(_) => {

@@ -503,8 +503,7 @@ impl AuditLogger {
         spool: Option<Spool>,
     ) -> AuditLogger {
         let batch_size = config.batch_size.max(1);
-        let spool_batches =
-            spool.as_ref().map(|spool| tokio::sync::Mutex::new(spool.start_reader(batch_size)));
+        let spool_batches = spool.as_ref().map(|spool| tokio::sync::Mutex::new(spool.start_reader(batch_size)));
         let shared = Arc::new(Shared {
             queue: MemoryQueue::new(config.queue_size),
             store,
@@ -585,7 +584,9 @@ impl AuditLogger {
         match spool.append_durable(&record).await {
             Ok(()) => Ok(Durable::Spooled),
             // The spool counted the drop where it happened.
-            Err(e @ SpoolError::Full { .. }) => Err(NotDurable { reason: DropReason::SpoolFull, detail: e.to_string() }),
+            Err(e @ SpoolError::Full { .. }) => {
+                Err(NotDurable { reason: DropReason::SpoolFull, detail: e.to_string() })
+            }
             Err(SpoolError::Closed) => {
                 shared.stats.dropped_closed.fetch_add(1, Ordering::Relaxed);
                 Err(NotDurable { reason: DropReason::Closed, detail: "logger is shutting down".into() })

@@ -127,8 +127,6 @@ struct Segment {
     sealed: bool,
     /// Records the reader has handed out or skipped.
     read: u64,
-    /// The reader reached the end of this sealed segment.
-    read_done: bool,
     /// Records committed (or otherwise settled) after being handed out.
     acked: u64,
 }
@@ -320,7 +318,7 @@ impl Spool {
                 Some((bytes, records)) if records > 0 => {
                     total_bytes += bytes;
                     total_records += records;
-                    let segment = Segment { path, bytes, records, sealed: true, read: 0, read_done: false, acked: 0 };
+                    let segment = Segment { path, bytes, records, sealed: true, read: 0, acked: 0 };
                     state.segments.insert(id, segment);
                 }
                 _ => {
@@ -442,7 +440,9 @@ impl Spool {
         let (tx, rx) = mpsc::channel(1);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            Reader { inner, batch_size: batch_size.max(1), tx, segment: None, offset: 0, file: None, next_from: 0 }.run().await;
+            Reader { inner, batch_size: batch_size.max(1), tx, segment: None, offset: 0, file: None, next_from: 0 }
+                .run()
+                .await;
         });
         rx
     }
@@ -631,7 +631,10 @@ impl Appender {
                 let _ = active.file.set_len(active.len);
                 self.seal_active();
                 for ack in acks.drain(..).flatten() {
-                    let _ = ack.send(Err(SpoolError::Io { path: path.clone(), source: io::Error::new(e.kind(), e.to_string()) }));
+                    let _ = ack.send(Err(SpoolError::Io {
+                        path: path.clone(),
+                        source: io::Error::new(e.kind(), e.to_string()),
+                    }));
                 }
                 false
             }
@@ -716,16 +719,17 @@ impl Appender {
             id
         };
         let path = segment_path(&self.inner.dir, id);
-        let mut file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| SpoolError::io(&path, e))?;
+        let mut file =
+            OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| SpoolError::io(&path, e))?;
         file.write_all(MAGIC).and_then(|()| file.sync_data()).map_err(|e| SpoolError::io(&path, e))?;
         // The new name must survive a crash too.
         File::open(&self.inner.dir).and_then(|d| d.sync_all()).map_err(|e| SpoolError::io(&self.inner.dir, e))?;
         let len = MAGIC.len() as u64;
         self.inner.stats.bytes.fetch_add(len, Ordering::Relaxed);
-        self.inner.lock().segments.insert(
-            id,
-            Segment { path, bytes: len, records: 0, sealed: false, read: 0, read_done: false, acked: 0 },
-        );
+        self.inner
+            .lock()
+            .segments
+            .insert(id, Segment { path, bytes: len, records: 0, sealed: false, read: 0, acked: 0 });
         self.active = Some(Active { id, file, len, records: 0 });
         Ok(())
     }
@@ -850,7 +854,6 @@ impl Reader {
             if !seg.sealed {
                 return Step::Wait;
             }
-            seg.read_done = true;
             // Frames cut off by a corrupt read count as read.
             seg.read = seg.read.max(seg.records);
             if seg.settled() {
@@ -934,7 +937,13 @@ impl Reader {
                     let discarded = until - offset;
                     stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
                     stats.corrupt_bytes.fetch_add(discarded, Ordering::Relaxed);
-                    tracing::error!(segment, offset, discarded_bytes = discarded, reason = why, "corrupt spool frame; skipping the rest of the segment");
+                    tracing::error!(
+                        segment,
+                        offset,
+                        discarded_bytes = discarded,
+                        reason = why,
+                        "corrupt spool frame; skipping the rest of the segment"
+                    );
                     seg.records = seg.read;
                     seg.bytes = offset;
                 }

@@ -22,7 +22,7 @@ pub(super) async fn run(id: usize, shared: Arc<Shared>) {
     tracing::debug!(writer = id, "audit writer started");
     // Writers alternate between the spool and the memory queue when both have work, so
     // a spool backlog drains while new records keep flowing.
-    let mut prefer_spool = id % 2 == 0;
+    let mut prefer_spool = id.is_multiple_of(2);
     loop {
         let batch = next_batch(&shared, prefer_spool).await;
         prefer_spool = !prefer_spool;
@@ -46,8 +46,7 @@ async fn next_batch(shared: &Shared, prefer_spool: bool) -> Option<Batch> {
             Some(batch)
         }
     };
-    let Some(spool_batches) = shared.spool_batches.as_ref().filter(|_| !shared.closing.load(Ordering::Acquire))
-    else {
+    let Some(spool_batches) = shared.spool_batches.as_ref().filter(|_| !shared.closing.load(Ordering::Acquire)) else {
         return memory.await;
     };
     let spool = async {

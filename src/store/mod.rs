@@ -65,8 +65,9 @@ impl DeadLetter {
             interaction_id: record.interaction_id,
             // Serialising a record of plain strings and numbers cannot fail; the fallback
             // keeps the id if it ever does.
-            record: serde_json::to_string(record)
-                .unwrap_or_else(|e| format!("{{\"interaction_id\":\"{}\",\"unserialisable\":\"{e}\"}}", record.interaction_id)),
+            record: serde_json::to_string(record).unwrap_or_else(|e| {
+                format!("{{\"interaction_id\":\"{}\",\"unserialisable\":\"{e}\"}}", record.interaction_id)
+            }),
             error: error.into(),
             attempts: 1,
             failed_at: chrono::Utc::now(),

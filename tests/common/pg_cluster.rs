@@ -146,7 +146,12 @@ impl PgCluster {
     pub fn stop(&self) {
         let data = self.data.to_string_lossy();
         let out = self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "-t", "30", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log_tail());
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
     }
 
     /// Starts it again on the same port and data; waits until it accepts connections.
