@@ -69,6 +69,8 @@ pub struct ServeArgs {
 pub enum BenchCommand {
     /// Push the standard workload through the pipeline and compare with plain COPY.
     Ingest(crate::bench::IngestBenchArgs),
+    /// A database outage: records arriving while it is down (spooled), then the drain.
+    Outage(crate::bench::OutageBenchArgs),
 }
 
 impl Cli {
@@ -110,6 +112,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench::run_ingest(&config, args).await,
+        Command::Bench(BenchCommand::Outage(args)) => crate::bench::run_outage(&config, args).await,
     }
 }
 

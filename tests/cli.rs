@@ -16,7 +16,11 @@ fn bin() -> Command {
 
 fn run(c: &mut Command) -> (i32, String, String) {
     let Output { status, stdout, stderr } = c.output().expect("run the binary");
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
 }
 
 fn config_file(dir: &Path, yaml: &str) -> std::path::PathBuf {
@@ -86,7 +90,8 @@ async fn serve_on_sqlite_then_sigterm_keeps_every_record() {
         assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let records: Vec<Value> = (0..50).map(|i| json!({"interaction_id": Uuid::now_v7(), "question": format!("q{i}")})).collect();
+    let records: Vec<Value> =
+        (0..50).map(|i| json!({"interaction_id": Uuid::now_v7(), "question": format!("q{i}")})).collect();
     let answer: Value = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/api/v1/interactions"))
         .json(&records)

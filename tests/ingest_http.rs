@@ -63,12 +63,15 @@ async fn a_record_is_accepted_stored_and_read_back(db: &TestDb) {
     let id = body["results"][0]["interaction_id"].as_str().expect("id").to_string();
     assert_eq!(id, sent["interaction_id"].as_str().unwrap());
     app.wait_for_count(1).await;
-    let got: Value = app.client.get(app.url(&format!("/api/v1/interactions/{id}"))).send().await.unwrap().json().await.unwrap();
+    let got: Value =
+        app.client.get(app.url(&format!("/api/v1/interactions/{id}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(got["question"], sent["question"]);
     assert_eq!(got["final_answer"], "done");
-    let thoughts: Vec<&str> = got["thoughts"].as_array().unwrap().iter().map(|t| t["content"].as_str().unwrap()).collect();
+    let thoughts: Vec<&str> =
+        got["thoughts"].as_array().unwrap().iter().map(|t| t["content"].as_str().unwrap()).collect();
     assert_eq!(thoughts, ["first", "second"]);
-    let tools: Vec<&str> = got["tool_calls"].as_array().unwrap().iter().map(|t| t["tool_name"].as_str().unwrap()).collect();
+    let tools: Vec<&str> =
+        got["tool_calls"].as_array().unwrap().iter().map(|t| t["tool_name"].as_str().unwrap()).collect();
     assert_eq!(tools, ["kubectl", "shell"]);
     app.stop().await;
 }

@@ -100,6 +100,7 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     out.flush()?;
 
     let pipeline = run_pipeline(store.clone(), &pipeline_config, &config.limits, &args).await?;
+    let durable = run_durable(store.clone(), config, &pipeline_config, &args).await?;
     let baseline = if store.backend() == Backend::Postgres && !args.no_baseline {
         Some(run_copy_baseline(&url, &args).await?)
     } else {
@@ -113,7 +114,7 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
         "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
         "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
     )?;
-    for (name, r) in [("pipeline", Some(&pipeline)), ("copy", baseline.as_ref())] {
+    for (name, r) in [("pipeline", Some(&pipeline)), ("durable", Some(&durable)), ("copy", baseline.as_ref())] {
         let Some(r) = r else { continue };
         let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
         writeln!(
@@ -130,6 +131,13 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
         )?;
     }
     write!(out, "{table}")?;
+    writeln!(
+        out,
+        "queued_per_s={:.0} durable_per_s={:.0} durable_ratio={:.2}",
+        pipeline.per_second(),
+        durable.per_second(),
+        durable.per_second() / pipeline.per_second()
+    )?;
     match baseline {
         Some(b) => writeln!(
             out,
@@ -183,6 +191,197 @@ async fn run_pipeline(
         p99_us: Some(stats.latency_quantile_us(0.99)),
         peak_rss: peak_rss_bytes(),
     })
+}
+
+/// The same workload with durable acknowledgements (the HTTP default): each record is
+/// fsync'd in a spool (in a temporary directory) before its producer is answered, then
+/// written from there. `DURABLE_PRODUCERS` records are in flight at once, as from that
+/// many concurrent clients. Timed until every record is committed.
+async fn run_durable(
+    store: Arc<dyn Store>,
+    config: &Config,
+    pipeline_config: &crate::config::AsyncConfig,
+    args: &IngestBenchArgs,
+) -> anyhow::Result<PhaseResult> {
+    use futures::StreamExt;
+    const DURABLE_PRODUCERS: usize = 256;
+    let before = store.count_interactions().await?;
+    let dir = tempfile_dir()?;
+    let spool_config = crate::config::SpoolConfig { dir: dir.clone(), ..config.spool.clone() };
+    let spool = crate::pipeline::Spool::open(&spool_config, pipeline_config.queue_size)?;
+    let logger = AuditLogger::start_with_spool(store.clone(), pipeline_config, &config.limits, Some(spool));
+    // Fresh ids: the queued phase already stored this seed's records.
+    let mut workload = Workload::new(args.seed ^ 0x5eed_d0d0);
+    let records: Vec<Interaction> = (0..args.records).map(|i| workload.record(i)).collect();
+    let bytes = records.iter().map(|r| payload_bytes(r) as u64).sum();
+    let started = Instant::now();
+    let failures = futures::stream::iter(records)
+        .map(|r| logger.log_durable(r))
+        .buffer_unordered(DURABLE_PRODUCERS)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    let acked_in = started.elapsed();
+    while store.count_interactions().await? < before + args.records {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let report = logger.shutdown(Duration::from_secs(3600)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(failures == 0 && report.stats.dropped_total() == 0, "durable phase lost records: {failures} failed");
+    tracing::info!(?acked_in, ?elapsed, "durable phase: all acknowledged, then all committed");
+    Ok(PhaseResult {
+        records: args.records,
+        elapsed,
+        bytes,
+        p50_us: Some(logger.stats().latency_quantile_us(0.5)),
+        p99_us: Some(logger.stats().latency_quantile_us(0.99)),
+        peak_rss: peak_rss_bytes(),
+    })
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("opsagent-audit-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Options of `bench outage`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutageBenchArgs {
+    /// Interactions arriving while the database is down.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: u64,
+    /// Seed of the workload's content.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+/// A store that refuses every write as unreachable while `down` is set, then passes
+/// through: the outage is simulated at the store boundary so one process can measure
+/// both the backlog's memory and the drain. (The fault tests stop a real server.)
+struct SwitchableStore {
+    inner: Arc<dyn Store>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for SwitchableStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn migrate(&self) -> Result<(), crate::store::StoreError> {
+        self.inner.migrate().await
+    }
+    async fn readiness(&self) -> Result<crate::store::Readiness, crate::store::StoreError> {
+        self.inner.readiness().await
+    }
+    async fn write_batch(&self, batch: &[Interaction]) -> Result<crate::store::WriteSummary, crate::store::StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(crate::store::StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        }
+        self.inner.write_batch(batch).await
+    }
+    async fn get_interaction(&self, id: uuid::Uuid) -> Result<Interaction, crate::store::StoreError> {
+        self.inner.get_interaction(id).await
+    }
+    async fn count_interactions(&self) -> Result<u64, crate::store::StoreError> {
+        self.inner.count_interactions().await
+    }
+    async fn write_dead_letters(&self, l: &[crate::store::DeadLetter]) -> Result<(), crate::store::StoreError> {
+        self.inner.write_dead_letters(l).await
+    }
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<crate::store::DeadLetter>, crate::store::StoreError> {
+        self.inner.list_dead_letters(limit).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+/// `bench outage`: `records` arrive (fire-and-forget, as fast as they come) while the
+/// database is down; prints the peak RSS then (bounded by the queue and spool settings,
+/// not by the backlog) and the time to drain the backlog once it is back.
+pub async fn run_outage(config: &Config, args: OutageBenchArgs) -> anyhow::Result<()> {
+    let inner = crate::cli::open_store(config).await?;
+    inner.migrate().await.context("migrating the benchmark database")?;
+    let store = Arc::new(SwitchableStore { inner, down: std::sync::atomic::AtomicBool::new(true) });
+    let before = store.count_interactions().await?;
+    let dir = tempfile_dir()?;
+    let spool_config = crate::config::SpoolConfig { dir: dir.clone(), ..config.spool.clone() };
+    let spool = crate::pipeline::Spool::open(&spool_config, config.pipeline.queue_size)?;
+    let logger = AuditLogger::start_with_spool(store.clone(), &config.pipeline, &config.limits, Some(spool));
+    let rss_start = peak_rss_bytes();
+    let mut workload = Workload::new(args.seed);
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for i in 0..args.records {
+        let record = workload.record(i);
+        bytes += payload_bytes(&record) as u64;
+        logger.log(record);
+        // Let the spool's writer keep up instead of measuring the appender's bounded
+        // backlog policy.
+        if i % 1000 == 999 {
+            while logger.snapshot().spooled + 5_000 < i {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    while logger.snapshot().spool_records + logger.snapshot().dropped_total() < args.records {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let arrived = started.elapsed();
+    let rss_outage = peak_rss_bytes();
+    let snapshot = logger.snapshot();
+    store.down.store(false, std::sync::atomic::Ordering::Release);
+    let recovered = Instant::now();
+    while store.count_interactions().await? < before + args.records - snapshot.dropped_total() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain = recovered.elapsed();
+    let report = logger.shutdown(Duration::from_secs(3600)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mb = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0));
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "opsagent-audit bench outage: {} interactions ({:.0} MB) while the database is down, {:?}",
+        args.records,
+        bytes as f64 / 1e6,
+        store.backend()
+    )?;
+    writeln!(
+        out,
+        "arrival: {:.2} s; spooled {} ({} MB on disk at peak), dropped {}",
+        arrived.as_secs_f64(),
+        snapshot.spool_records,
+        snapshot.spool_bytes / 1048576,
+        snapshot.dropped_total()
+    )?;
+    writeln!(
+        out,
+        "peak RSS: {} MB before, {} MB after the backlog arrived (queue_size {})",
+        mb(rss_start),
+        mb(rss_outage),
+        config.pipeline.queue_size
+    )?;
+    writeln!(
+        out,
+        "drain after recovery: {:.2} s ({:.0} records/s), committed {}",
+        drain.as_secs_f64(),
+        (args.records - snapshot.dropped_total()) as f64 / drain.as_secs_f64().max(1e-9),
+        report.stats.committed
+    )?;
+    writeln!(
+        out,
+        "outage_records={} peak_rss_mb={} drain_s={:.2} dropped={}",
+        args.records,
+        mb(rss_outage),
+        drain.as_secs_f64(),
+        report.stats.dropped_total()
+    )?;
+    Ok(())
 }
 
 /// Loads the same workload with `COPY` into a fresh schema made by the same migration,
