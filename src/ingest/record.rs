@@ -92,9 +92,12 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
         let named = ["missing field `", "unknown field `"]
             .iter()
             .find_map(|p| message.strip_prefix(p).and_then(|rest| rest.split('`').next()));
+        let path = path.trim_start_matches('.');
         match named {
+            // Some versions of the path already end at the named field.
+            Some(name) if path == name || path.ends_with(&format!(".{name}")) => FieldError::new(path, message),
             Some(name) => FieldError::new(format!("{prefix}{name}"), message),
-            None => FieldError::new(path.trim_start_matches('.'), message),
+            None => FieldError::new(path, message),
         }
     })?;
 
