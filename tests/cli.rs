@@ -491,7 +491,6 @@ async fn durable_serve_on_postgres_then_sigterm_then_restart_keeps_every_record(
 /// too before exiting: the shutdown deadline is 30 s and the database answers. One writer
 /// and 2,000 records, so that the spool reader is behind when the signal comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with async.ack=durable, SIGTERM stops the spool reader at once (pipeline/mod.rs shutdown -> spool.stop_reading()), so acknowledged records not yet replayed stay in the spool until the next start although the database is up; the log still says drained=true"]
 async fn durable_serve_then_sigterm_writes_every_record_before_exit() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = sqlite_url(dir.path());

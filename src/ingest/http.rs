@@ -141,6 +141,7 @@ pub async fn post_interactions(
     })?;
     // Invalid UTF-8 is replaced, not refused: a record with a mangled byte is still evidence.
     let text = String::from_utf8_lossy(&bytes);
+    let text = replace_lone_surrogates(&text);
     let values = parse_body(framing, &text)?;
     if values.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty_body", "the request holds no records"));
@@ -261,6 +262,59 @@ async fn acknowledge_durably(app: &AppState, valid: Vec<(usize, Interaction)>, r
         }
     }
     failed
+}
+
+/// Replaces `\uD800`–`\uDFFF` escapes that are not a valid surrogate pair with
+/// `\uFFFD`. JSON parsers refuse them, yet Python's `json.dumps` writes them for bytes
+/// it could not decode (tool output often has some); like invalid UTF-8, they are
+/// replaced rather than costing the record. serde_json has no lenient mode for this.
+fn replace_lone_surrogates(text: &str) -> std::borrow::Cow<'_, str> {
+    fn hex4(b: &[u8]) -> Option<u16> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u16::from_str_radix(s, 16).ok()
+    }
+    let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
+    let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
+    let bytes = text.as_bytes();
+    if !text.contains("\\u") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut i, mut in_string) = (0, 0, false);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                in_string = !in_string;
+                i += 1;
+            }
+            b'\\' if in_string => {
+                if bytes.get(i + 1) == Some(&b'u') {
+                    if let Some(unit) = hex4(&bytes[i + 2..]) {
+                        let paired = is_high(unit)
+                            && bytes.get(i + 6) == Some(&b'\\')
+                            && bytes.get(i + 7) == Some(&b'u')
+                            && hex4(&bytes[(i + 8).min(bytes.len())..]).is_some_and(is_low);
+                        if paired {
+                            i += 12;
+                            continue;
+                        }
+                        if is_high(unit) || is_low(unit) {
+                            out.push_str(&text[copied..i]);
+                            out.push_str("\\uFFFD");
+                            i += 6;
+                            copied = i;
+                            continue;
+                        }
+                    }
+                }
+                // Any other escape: skip the backslash and the escaped character.
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&text[copied.min(text.len())..]);
+    std::borrow::Cow::Owned(out)
 }
 
 fn invalid(e: &FieldError) -> ApiError {

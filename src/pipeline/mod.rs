@@ -685,10 +685,11 @@ impl AuditLogger {
         self.inner.as_ref().and_then(|r| r.shared.spool.clone())
     }
 
-    /// Stops intake and writes everything queued and in flight to the database. Returns
-    /// when all is written or `deadline` has passed. Then what is left goes to the spool
-    /// (which is flushed and closed), or, without one, is counted as dropped (reason
-    /// `shutdown`) and logged. Records still in the spool stay there for the next start.
+    /// Stops intake and writes everything queued, in flight and spooled to the database.
+    /// Returns when all is written, when the database is down and memory is empty, or
+    /// when `deadline` has passed. Then what is left in memory goes to the spool (which is
+    /// flushed and closed), or, without one, is counted as dropped (reason `shutdown`)
+    /// and logged. Records still in the spool stay there for the next start.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let Some(running) = &self.inner else {
             return ShutdownReport { drained: true, abandoned: 0, stats: StatsSnapshot::default() };
@@ -696,6 +697,23 @@ impl AuditLogger {
         let shared = &running.shared;
         shared.closing.store(true, Ordering::Release);
         shared.queue.close();
+        let deadline_at = tokio::time::Instant::now() + deadline;
+        // First drain memory and the spool to the database; only then stop reading the
+        // spool, so a graceful stop leaves nothing behind while the database is up.
+        let emptied = tokio::time::timeout_at(deadline_at, async {
+            loop {
+                let memory_empty = shared.queue.is_empty();
+                let spool_empty = shared.spool.as_ref().is_none_or(|s| s.is_empty());
+                // With the database down the spool cannot drain now; it is on disk and
+                // replayed at the next start, so there is no point waiting for it.
+                if memory_empty && (spool_empty || shared.health.is_down()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok();
         if let Some(spool) = &shared.spool {
             spool.stop_reading();
         }
@@ -704,8 +722,8 @@ impl AuditLogger {
         let before = shared.stats.dropped_shutdown.load(Ordering::Relaxed);
         let spilled_before = shared.stats.spilled.load(Ordering::Relaxed);
         let mut all = futures::future::join_all(handles);
-        let drained = match tokio::time::timeout(deadline, &mut all).await {
-            Ok(_) => true,
+        let drained = match tokio::time::timeout_at(deadline_at, &mut all).await {
+            Ok(_) => emptied,
             Err(_) => {
                 tracing::warn!(
                     queued = shared.queue.len(),
@@ -738,6 +756,6 @@ impl AuditLogger {
             spool_records = stats.spool_records,
             "audit pipeline stopped"
         );
-        ShutdownReport { drained: drained && abandoned == 0, abandoned, stats }
+        ShutdownReport { drained: drained && abandoned == 0 && stats.spool_records == 0, abandoned, stats }
     }
 }

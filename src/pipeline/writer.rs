@@ -23,8 +23,9 @@ pub(super) async fn run(id: usize, shared: Arc<Shared>) {
     // Writers alternate between the spool and the memory queue when both have work, so
     // a spool backlog drains while new records keep flowing.
     let mut prefer_spool = id.is_multiple_of(2);
+    let mut memory_done = false;
     loop {
-        let batch = next_batch(&shared, prefer_spool).await;
+        let batch = next_batch(&shared, prefer_spool, &mut memory_done).await;
         prefer_spool = !prefer_spool;
         let Some(batch) = batch else { break };
         if batch.is_empty() {
@@ -35,39 +36,54 @@ pub(super) async fn run(id: usize, shared: Arc<Shared>) {
     tracing::debug!(writer = id, "audit writer stopped");
 }
 
-/// The next batch from either source; `None` once the queue is closed and drained.
-async fn next_batch(shared: &Shared, prefer_spool: bool) -> Option<Batch> {
-    let memory = async {
-        let batch = shared.queue.next_batch(shared.settings.batch_size, shared.settings.batch_interval).await;
-        // Empty means closed and drained.
-        if batch.is_empty() {
-            None
-        } else {
-            Some(batch)
-        }
+/// The next batch from either source; `None` once the memory queue is closed and
+/// drained and the spool reader has stopped (shutdown stops it once the spool is
+/// drained or the deadline passed).
+async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool) -> Option<Batch> {
+    let Some(spool_batches) = shared.spool_batches.as_ref() else {
+        return memory_batch(shared).await;
     };
-    let Some(spool_batches) = shared.spool_batches.as_ref().filter(|_| !shared.closing.load(Ordering::Acquire)) else {
-        return memory.await;
-    };
-    let spool = async {
-        match spool_batches.lock().await.recv().await {
-            Some(batch) => batch,
-            // The reader stopped (shutdown): wait for the memory side to finish.
-            None => std::future::pending().await,
-        }
-    };
-    if prefer_spool {
+    // `None` from the spool means its reader stopped.
+    let spool = async { spool_batches.lock().await.recv().await };
+    if *memory_done {
+        return spool.await;
+    }
+    let batch = if prefer_spool {
         tokio::select! {
             biased;
-            batch = spool => Some(batch),
-            batch = memory => batch,
+            batch = spool => Source::Spool(batch),
+            batch = memory_batch(shared) => Source::Memory(batch),
         }
     } else {
         tokio::select! {
             biased;
-            batch = memory => batch,
-            batch = spool => Some(batch),
+            batch = memory_batch(shared) => Source::Memory(batch),
+            batch = spool => Source::Spool(batch),
         }
+    };
+    match batch {
+        Source::Memory(Some(batch)) | Source::Spool(Some(batch)) => Some(batch),
+        Source::Memory(None) => {
+            // Closed and drained: keep writing spooled records until the reader stops.
+            *memory_done = true;
+            spool_batches.lock().await.recv().await
+        }
+        Source::Spool(None) => memory_batch(shared).await,
+    }
+}
+
+enum Source {
+    Memory(Option<Batch>),
+    Spool(Option<Batch>),
+}
+
+/// The next memory batch; `None` once the queue is closed and drained.
+async fn memory_batch(shared: &Shared) -> Option<Batch> {
+    let batch = shared.queue.next_batch(shared.settings.batch_size, shared.settings.batch_interval).await;
+    if batch.is_empty() {
+        None
+    } else {
+        Some(batch)
     }
 }
 
