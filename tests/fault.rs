@@ -198,6 +198,13 @@ async fn assert_all_stored(url: &str, acked: &BTreeSet<Uuid>, allowed_missing: u
     }
 }
 
+/// Every acknowledged record is stored once, and the server counted no drop.
+async fn assert_nothing_lost(server: &Server, url: &str, acked: &BTreeSet<Uuid>) {
+    assert_all_stored(url, acked, 0).await;
+    let (_, body) = server.readyz().await;
+    assert_eq!(dropped_total(&body["pipeline"]), 0, "{body}");
+}
+
 fn dropped_total(pipeline: &Value) -> u64 {
     [
         "dropped_queue_full",
@@ -273,9 +280,7 @@ async fn connections_killed_mid_batch_lose_nothing() {
     }
     let (acked, _) = load.finish().await;
     assert!(killed > 0, "connections were killed");
-    assert_all_stored(&s.url, &acked, 0).await;
-    let (_, body) = server.readyz().await;
-    assert_eq!(dropped_total(&body["pipeline"]), 0, "{body}");
+    assert_nothing_lost(&server, &s.url, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,9 +300,7 @@ async fn sigterm_under_load_drains_and_exits_0_then_restart_keeps_everything() {
     drop(server);
 
     let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
-    assert_all_stored(&s.url, &acked, 0).await;
-    let (_, body) = server.readyz().await;
-    assert_eq!(dropped_total(&body["pipeline"]), 0, "{body}");
+    assert_nothing_lost(&server, &s.url, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,9 +317,7 @@ async fn sigkill_in_durable_mode_loses_no_acknowledged_record() {
     drop(server);
 
     let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
-    assert_all_stored(&s.url, &acked, 0).await;
-    let (_, body) = server.readyz().await;
-    assert_eq!(dropped_total(&body["pipeline"]), 0, "{body}");
+    assert_nothing_lost(&server, &s.url, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,20 +233,18 @@ async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
     assert_eq!(store.count_interactions().await.unwrap(), 0);
 }
 
-fn with_spool(dir: &std::path::Path) -> Spool {
-    Spool::open(&SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }, 10_000).expect("open spool")
+/// A logger over `store` with a spool in `dir`.
+fn spooled_logger(store: Arc<dyn Store>, config: &AsyncConfig, dir: &std::path::Path) -> AuditLogger {
+    let spool =
+        Spool::open(&SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }, 10_000).expect("open spool");
+    AuditLogger::start_with_spool(store, config, &LimitsConfig::default(), Some(spool))
 }
 
 async fn while_the_database_is_down_records_go_to_the_spool_and_drain_on_recovery(db: &TestDb) {
     let (store, _gate) = gated(db, true).await;
     store.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLogger::start_with_spool(
-        store.clone(),
-        &config(2, 1000, 50, 20),
-        &LimitsConfig::default(),
-        Some(with_spool(dir.path())),
-    );
+    let log = spooled_logger(store.clone(), &config(2, 1000, 50, 20), dir.path());
     let batch = records(500);
     let ids: Vec<Uuid> = batch.iter().map(|r| r.interaction_id).collect();
     for r in batch {
@@ -279,12 +277,7 @@ async fn shutdown_spools_what_it_cannot_write_and_the_next_start_replays_it(db: 
     store.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     // Without the spool being reached first: a huge interval keeps records in memory.
-    let log = AuditLogger::start_with_spool(
-        store.clone(),
-        &config(1, 10_000, 500, 600_000),
-        &LimitsConfig::default(),
-        Some(with_spool(dir.path())),
-    );
+    let log = spooled_logger(store.clone(), &config(1, 10_000, 500, 600_000), dir.path());
     let batch = records(300);
     for r in batch {
         log.log(r);
@@ -295,12 +288,7 @@ async fn shutdown_spools_what_it_cannot_write_and_the_next_start_replays_it(db: 
     assert_eq!(store.count_interactions().await.unwrap(), 0);
 
     // Next start, database back: the spool is replayed.
-    let log = AuditLogger::start_with_spool(
-        db.store().await,
-        &config(2, 1000, 100, 20),
-        &LimitsConfig::default(),
-        Some(with_spool(dir.path())),
-    );
+    let log = spooled_logger(db.store().await, &config(2, 1000, 100, 20), dir.path());
     common::wait_for_count(&*store, 300).await;
     let report = log.shutdown(Duration::from_secs(30)).await;
     assert_eq!((report.stats.replayed, report.stats.committed), (300, 300));
@@ -311,12 +299,7 @@ async fn durable_logging_resolves_once_on_disk_even_with_the_database_down(db: &
     let (store, _gate) = gated(db, true).await;
     store.failing.store(true, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLogger::start_with_spool(
-        store.clone(),
-        &config(2, 1000, 50, 20),
-        &LimitsConfig::default(),
-        Some(with_spool(dir.path())),
-    );
+    let log = spooled_logger(store.clone(), &config(2, 1000, 50, 20), dir.path());
     let acks = futures::future::join_all(records(100).into_iter().map(|r| log.log_durable(r))).await;
     assert!(acks.iter().all(|a| *a == Ok(Durable::Spooled)), "{acks:?}");
     store.failing.store(false, Ordering::SeqCst);
@@ -327,12 +310,7 @@ async fn durable_logging_resolves_once_on_disk_even_with_the_database_down(db: &
 async fn a_full_queue_overflows_to_the_spool_instead_of_dropping(db: &TestDb) {
     let (store, gate) = gated(db, false).await;
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLogger::start_with_spool(
-        store.clone(),
-        &config(1, 10, 5, 60_000),
-        &LimitsConfig::default(),
-        Some(with_spool(dir.path())),
-    );
+    let log = spooled_logger(store.clone(), &config(1, 10, 5, 60_000), dir.path());
     let batch = records(200);
     let ids: Vec<Uuid> = batch.iter().map(|r| r.interaction_id).collect();
     for r in batch {

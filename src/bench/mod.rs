@@ -328,12 +328,15 @@ pub async fn run_outage(config: &Config, args: OutageBenchArgs) -> anyhow::Resul
             }
         }
     }
-    while logger.snapshot().spool_records + logger.snapshot().dropped_total() < args.records {
+    let snapshot = loop {
+        let snapshot = logger.snapshot();
+        if snapshot.spool_records + snapshot.dropped_total() >= args.records {
+            break snapshot;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
     let arrived = started.elapsed();
     let rss_outage = peak_rss_bytes();
-    let snapshot = logger.snapshot();
     store.down.store(false, std::sync::atomic::Ordering::Release);
     let recovered = Instant::now();
     while store.count_interactions().await? < before + args.records - snapshot.dropped_total() {

@@ -194,9 +194,7 @@ pub async fn post_interactions(
     if valid.is_empty() {
         let error =
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "all_rejected", "every record was rejected; see results");
-        let mut body = serde_json::to_value(&response).unwrap_or_default();
-        body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
-        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response());
+        return Ok(results_with_error(&response, error));
     }
     let not_durable = match app.config.pipeline.ack {
         AckMode::Queued => {
@@ -216,11 +214,16 @@ pub async fn post_interactions(
             "not_durable",
             format!("{not_durable} record(s) could not be stored durably; see results and retry them"),
         );
-        let mut body = serde_json::to_value(&response).unwrap_or_default();
-        body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
-        return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+        return Ok(results_with_error(&response, error));
     }
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
+}
+
+/// An error answer that still carries the per-record results.
+fn results_with_error(response: &IngestResponse, error: ApiError) -> Response {
+    let mut body = serde_json::to_value(response).unwrap_or_default();
+    body["error"] = serde_json::to_value(error.body()).unwrap_or_default();
+    (error.status, Json(body)).into_response()
 }
 
 /// Waits until every record is fsync'd in the spool or committed, within

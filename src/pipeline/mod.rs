@@ -186,8 +186,6 @@ pub struct PipelineStats {
     pub sanitized_fields: AtomicU64,
     /// Refused by the database and stored in the dead-letter table or file.
     pub dead_lettered: AtomicU64,
-    /// Drops the spool already counted; kept apart so they are not counted twice.
-    spool_drop_relay: AtomicU64,
     /// Records moved from memory to the spool (queue full, database down, shutdown).
     pub spilled: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
@@ -208,7 +206,6 @@ impl Default for PipelineStats {
             retries: AtomicU64::new(0),
             sanitized_fields: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
-            spool_drop_relay: AtomicU64::new(0),
             spilled: AtomicU64::new(0),
             // Three significant figures up to an hour, in microseconds.
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
@@ -217,14 +214,15 @@ impl Default for PipelineStats {
 }
 
 impl PipelineStats {
-    fn counter(&self, reason: DropReason) -> &AtomicU64 {
+    /// The counter of a drop reason; `None` for the spool's reasons, which the spool
+    /// counts itself where the drop happens.
+    fn counter(&self, reason: DropReason) -> Option<&AtomicU64> {
         match reason {
-            DropReason::QueueFull => &self.dropped_queue_full,
-            DropReason::Shutdown => &self.dropped_shutdown,
-            DropReason::Closed => &self.dropped_closed,
-            DropReason::Rejected => &self.rejected,
-            // Counted by the spool itself, where the drop happens.
-            DropReason::SpoolFull | DropReason::SpoolError => &self.spool_drop_relay,
+            DropReason::QueueFull => Some(&self.dropped_queue_full),
+            DropReason::Shutdown => Some(&self.dropped_shutdown),
+            DropReason::Closed => Some(&self.dropped_closed),
+            DropReason::Rejected => Some(&self.rejected),
+            DropReason::SpoolFull | DropReason::SpoolError => None,
         }
     }
 
@@ -405,7 +403,9 @@ impl Health {
 impl Shared {
     /// Counts, logs (rate-limited) and resolves a record that will not be stored.
     pub(crate) fn drop_record(&self, envelope: Envelope, reason: DropReason, detail: &str) {
-        self.stats.counter(reason).fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = self.stats.counter(reason) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         let id = envelope.record.interaction_id;
         self.drop_log.log(|suppressed| {
             tracing::warn!(
