@@ -828,6 +828,18 @@ impl Reader {
     /// Picks the next range to read: the rest of the current segment up to its durable
     /// length, else the next segment; marks segments read to their end.
     fn next_step(&mut self) -> Step {
+        let mut finished = Vec::new();
+        let step = self.plan(&mut finished);
+        // File deletion happens outside the lock the appender and the writers share.
+        for seg in finished {
+            self.inner.delete_segment_file(&seg);
+        }
+        step
+    }
+
+    /// [`Reader::next_step`] under the lock; settled segments it passes are handed back
+    /// in `finished` for deletion.
+    fn plan(&mut self, finished: &mut Vec<Segment>) -> Step {
         let mut state = self.inner.lock();
         loop {
             let id = match self.segment {
@@ -857,8 +869,7 @@ impl Reader {
             // Frames cut off by a corrupt read count as read.
             seg.read = seg.read.max(seg.records);
             if seg.settled() {
-                let seg = state.segments.remove(&id).expect("segment present");
-                self.inner.delete_segment_file(&seg);
+                finished.extend(state.segments.remove(&id));
             }
             self.next_from = id + 1;
             self.segment = None;
