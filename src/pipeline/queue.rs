@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Batch, Envelope};
+use super::envelope::{Batch, Envelope};
 
 /// A bounded FIFO of records that drops its oldest entry when full.
 #[derive(Debug)]

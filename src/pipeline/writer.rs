@@ -10,7 +10,10 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Batch, DropReason, Envelope, Origin, Outcome, Shared};
+use super::envelope::{Batch, Envelope, Origin, Outcome};
+use super::shared::{Shared, SpillCause};
+use super::spool::SpoolRef;
+use super::stats::DropReason;
 use crate::model::Interaction;
 use crate::store::{DeadLetter, StoreError};
 
@@ -44,7 +47,7 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
         return memory_batch(shared).await;
     };
     // `None` from the spool means its reader stopped.
-    let spool = async { spool_batches.lock().await.recv().await };
+    let spool = async { spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect()) };
     if *memory_done {
         return spool.await;
     }
@@ -66,7 +69,7 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
         Source::Memory(None) => {
             // Closed and drained: keep writing spooled records until the reader stops.
             *memory_done = true;
-            spool_batches.lock().await.recv().await
+            spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect())
         }
         Source::Spool(None) => memory_batch(shared).await,
     }
@@ -94,20 +97,21 @@ async fn write(shared: &Shared, batch: Batch) {
     // the records keep their queue order.
     let mut parts: Vec<Vec<Envelope>> = vec![batch.envelopes];
     let mut attempt: u32 = 0;
-    while let Some(mut part) = parts.pop() {
+    while let Some(part) = parts.pop() {
+        let Some(mut part) = wait_for_database(shared, part).await else { continue };
         // While the database is down, memory records go to disk at once instead of
         // waiting here; spool records are what probes for the database's return.
-        if shared.spool.is_some() && shared.health.is_down() && part.iter().all(|e| e.origin == Origin::Memory) {
-            shared.spill(part, DropReason::Shutdown, "database down");
+        if shared.spool.is_some() && shared.health.is_down() && part.iter().all(Envelope::in_memory) {
+            shared.spill(part, SpillCause::DatabaseDown);
             continue;
         }
         // The store takes a slice of records; the envelopes are split off and rejoined
         // so no record is cloned on the hot path.
         let (records, meta): (Vec<Interaction>, Vec<Meta>) = part
             .drain(..)
-            .map(|e| (e.record, Meta { enqueued_at: e.enqueued_at, ack: e.ack, origin: e.origin }))
+            .map(|e| (e.record, Meta { enqueued_at: e.enqueued_at, on_commit: e.on_commit, origin: e.origin }))
             .unzip();
-        match shared.store.write_batch(&records).await {
+        match shared.sink.write_batch(&records).await {
             Ok(summary) => {
                 attempt = 0;
                 shared.health.succeeded();
@@ -115,11 +119,11 @@ async fn write(shared: &Shared, batch: Batch) {
                 stats.committed.fetch_add(summary.inserted, Ordering::Relaxed);
                 stats.duplicates.fetch_add(summary.duplicates, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.record_latency(&meta.iter().map(|m| m.enqueued_at).collect::<Vec<_>>());
+                stats.record_latency(meta.iter().map(|m| m.enqueued_at));
                 settle_spool(shared, meta.iter().map(|m| m.origin));
                 for (record, m) in records.iter().zip(meta) {
-                    if let Some(ack) = m.ack {
-                        let _ = ack.send(if summary.already_stored.contains(&record.interaction_id) {
+                    if let Some(tx) = m.on_commit {
+                        let _ = tx.send(if summary.already_stored.contains(&record.interaction_id) {
                             Outcome::Duplicate
                         } else {
                             Outcome::Committed
@@ -146,14 +150,14 @@ async fn write(shared: &Shared, batch: Batch) {
                 shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 shared.health.failed(&e.to_string(), shared.spool.is_some());
                 let envelopes = rejoin(records, meta);
-                if shared.spool.is_some() && envelopes.iter().all(|e| e.origin == Origin::Memory) {
-                    shared.spill(envelopes, DropReason::Shutdown, "database down");
+                if shared.spool.is_some() && envelopes.iter().all(Envelope::in_memory) {
+                    shared.spill(envelopes, SpillCause::DatabaseDown);
                     continue;
                 }
                 // Records that reached memory before the outage was noticed go to disk
                 // too, rather than waiting behind this retry.
                 if shared.spool.is_some() {
-                    shared.spill(shared.queue.drain_all(), DropReason::Shutdown, "database down");
+                    shared.spill(shared.queue.drain_all(), SpillCause::DatabaseDown);
                 }
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
@@ -166,7 +170,7 @@ async fn write(shared: &Shared, batch: Batch) {
                     // Memory records go to the spool (or are dropped without one); spool
                     // records stay on disk for the next start.
                     let rest: Vec<Envelope> = envelopes.into_iter().chain(parts.drain(..).flatten()).collect();
-                    shared.spill(rest, DropReason::Shutdown, "shutdown deadline passed during retries");
+                    shared.spill(rest, SpillCause::Shutdown);
                     return;
                 }
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -179,14 +183,36 @@ async fn write(shared: &Shared, batch: Batch) {
 /// Tells the spool that these records are settled, segment by segment.
 fn settle_spool(shared: &Shared, origins: impl Iterator<Item = Origin>) {
     let Some(spool) = &shared.spool else { return };
-    let mut per_segment: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut per_segment: BTreeMap<SpoolRef, u64> = BTreeMap::new();
     for origin in origins {
-        if let Origin::Spool(r) = origin {
-            *per_segment.entry(r.segment).or_default() += 1;
+        if let Origin::Spool(at) = origin {
+            *per_segment.entry(at).or_default() += 1;
         }
     }
-    for (segment, n) in per_segment {
-        spool.ack(segment, n);
+    for (at, n) in per_segment {
+        spool.settle(at, n);
+    }
+}
+
+/// Holds a part until start-up has reached the database (connected, migrated). Memory
+/// records meanwhile go to the spool; spooled ones wait, safe on disk. Returns the part
+/// when writing may go ahead, `None` when it was dealt with otherwise.
+async fn wait_for_database(shared: &Shared, part: Vec<Envelope>) -> Option<Vec<Envelope>> {
+    if shared.health.is_ready() {
+        return Some(part);
+    }
+    if shared.spool.is_some() && part.iter().all(Envelope::in_memory) {
+        shared.spill(part, SpillCause::DatabaseDown);
+        return None;
+    }
+    tokio::select! {
+        _ = shared.health.wait_ready() => Some(part),
+        _ = shared.closing.cancelled() => {
+            // Shutting down before the database was ever reached: memory records go to
+            // the spool (or are dropped and counted); spooled ones stay on disk.
+            shared.spill(part, SpillCause::DatabaseDown);
+            None
+        }
     }
 }
 
@@ -197,7 +223,7 @@ async fn dead_letter(shared: &Shared, envelope: Envelope, error: &StoreError) {
     let reason = error.to_string();
     let letter = DeadLetter::new(&envelope.record, reason.clone());
     let id = envelope.record.interaction_id;
-    let stored = match shared.store.write_dead_letters(std::slice::from_ref(&letter)).await {
+    let stored = match shared.sink.write_dead_letters(std::slice::from_ref(&letter)).await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!(interaction_id = %id, error = %e, "cannot write to the dead-letter table; trying the dead-letter file");
@@ -236,7 +262,7 @@ fn dead_letter_file(shared: &Shared, letter: &DeadLetter) -> bool {
 
 struct Meta {
     enqueued_at: Instant,
-    ack: Option<tokio::sync::oneshot::Sender<Outcome>>,
+    on_commit: Option<tokio::sync::oneshot::Sender<Outcome>>,
     origin: Origin,
 }
 
@@ -244,7 +270,7 @@ fn rejoin(records: Vec<Interaction>, meta: Vec<Meta>) -> Vec<Envelope> {
     records
         .into_iter()
         .zip(meta)
-        .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, ack: m.ack, origin: m.origin })
+        .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, on_commit: m.on_commit, origin: m.origin })
         .collect()
 }
 

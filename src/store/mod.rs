@@ -7,16 +7,22 @@
 //! (a retry after a lost commit acknowledgement, a spool replay) stores nothing twice.
 //! Sessions are upserted with `ON CONFLICT`, so concurrent writers of one session never
 //! race. Both backends pass the same behavioural suite (`tests/store.rs`).
+//!
+//! The pipeline sees only [`BatchSink`] (write a batch, write dead letters), a
+//! supertrait of [`Store`]. Rows are read back through the shared row types and SQL of
+//! [`rows`]; each backend keeps only what its dialect does differently (how a batch is
+//! expanded: `UNNEST` of arrays or `json_each` of one JSON parameter; how ids are bound).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::config::{redact_url, DatabaseConfig};
+use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use crate::model::Interaction;
 
 pub mod postgres;
+pub mod rows;
 pub mod sqlite;
 
 pub use postgres::PostgresStore;
@@ -89,6 +95,9 @@ impl Readiness {
     }
 }
 
+/// The error a database driver (or a test double) reports, kept as the cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -97,23 +106,45 @@ pub enum StoreError {
     NotFound,
     /// The database could not be reached or the connection broke; retrying may succeed.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] BoxError),
     /// The database refused the data itself (a constraint, a value out of range);
     /// retrying the same records fails the same way.
     #[error("database rejected the data: {0}")]
-    Rejected(#[source] sqlx::Error),
+    Rejected(#[source] BoxError),
+    /// A stored value cannot be read back as what it should be (a `status` no version
+    /// of this program writes, an id that is not a UUID).
+    #[error("stored {column} cannot be read: {message}")]
+    Decode {
+        /// The column.
+        column: &'static str,
+        /// What was wrong with it.
+        message: String,
+    },
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    Migration(#[source] BoxError),
     /// The URL names no supported database.
     #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://PATH")]
     UnsupportedUrl(String),
+    /// The database settings are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// Anything else the database said.
     #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
+    Other(#[source] BoxError),
 }
 
 impl StoreError {
+    /// The database is unreachable, for this reason; retrying may succeed.
+    pub fn unavailable(cause: impl Into<BoxError>) -> StoreError {
+        StoreError::Unavailable(cause.into())
+    }
+
+    /// The database refused the data, for this reason.
+    pub fn rejected(cause: impl Into<BoxError>) -> StoreError {
+        StoreError::Rejected(cause.into())
+    }
+
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
@@ -125,16 +156,32 @@ impl StoreError {
             StoreError::NotFound => "not_found",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Rejected(_) => "rejected",
+            StoreError::Decode { .. } => "decode",
             StoreError::Migration(_) => "migration",
             StoreError::UnsupportedUrl(_) => "unsupported_url",
+            StoreError::Config(_) => "config",
             StoreError::Other(_) => "database",
         }
     }
 }
 
+/// What the pipeline needs of a database: write a batch, keep refused records aside.
+/// Every [`Store`] is one; test doubles implement just these two.
+#[async_trait]
+pub trait BatchSink: Send + Sync + 'static {
+    /// Writes a batch in one transaction; records whose `interaction_id` is already stored
+    /// are skipped whole. Records must already be sanitised.
+    async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError>;
+
+    /// Stores refused records aside, in one transaction. A record dead-lettered again
+    /// (re-delivery) updates its row and counts the attempt; repeats within one call
+    /// count once, the last one's reason kept.
+    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
+}
+
 /// Every storage operation the service needs.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: BatchSink {
     /// Which database this is.
     fn backend(&self) -> Backend;
 
@@ -144,25 +191,22 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the database answers and reports migrations not yet applied.
     async fn readiness(&self) -> Result<Readiness, StoreError>;
 
-    /// Writes a batch in one transaction; records whose `interaction_id` is already stored
-    /// are skipped whole. Records must already be sanitised.
-    async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError>;
-
     /// Reads one interaction with its thoughts, tool calls and metrics.
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError>;
 
     /// Number of stored interactions.
     async fn count_interactions(&self) -> Result<u64, StoreError>;
 
-    /// Stores refused records aside, in one transaction. A record dead-lettered again
-    /// (re-delivery) updates its row and counts the attempt.
-    async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
-
     /// The most recent dead letters, newest first.
     async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Closes the connections.
     async fn close(&self);
+}
+
+/// Opens the configured store (`audit.database.*`). Does not migrate.
+pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
+    connect(&config.resolved_url()?, config).await
 }
 
 /// Opens the store a URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
@@ -189,6 +233,27 @@ pub(crate) fn dedup_sorted(batch: &[Interaction]) -> (Vec<&Interaction>, u64) {
     records.dedup_by_key(|r| r.interaction_id);
     let repeats = (before - records.len()) as u64;
     (records, repeats)
+}
+
+/// Maps a migration failure: an unreachable database is [`StoreError::Unavailable`] (so
+/// start-up waits and retries), anything else [`StoreError::Migration`].
+pub(crate) fn migrate_error(e: sqlx::migrate::MigrateError, classify: fn(sqlx::Error) -> StoreError) -> StoreError {
+    match e {
+        sqlx::migrate::MigrateError::Execute(inner) => match classify(inner) {
+            unavailable @ StoreError::Unavailable(_) => unavailable,
+            other => StoreError::Migration(Box::new(other)),
+        },
+        other => StoreError::Migration(Box::new(other)),
+    }
+}
+
+/// One dead letter per `interaction_id` (the last wins: it is the latest refusal),
+/// sorted: an upsert cannot touch the same row twice in one statement.
+pub(crate) fn dedup_dead_letters(letters: &[DeadLetter]) -> Vec<&DeadLetter> {
+    let mut out: Vec<&DeadLetter> = letters.iter().rev().collect();
+    out.sort_by_key(|l| l.interaction_id);
+    out.dedup_by_key(|l| l.interaction_id);
+    out
 }
 
 /// The sessions a batch touches, one per `session_id` (earliest record's data), sorted.

@@ -6,21 +6,27 @@
 //! `ON CONFLICT (interaction_id) DO NOTHING RETURNING interaction_id`, and children are
 //! written only for the ids that came back, which makes re-delivery a no-op.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{dedup_sorted, sessions_of, Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
+use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS};
+use super::{
+    dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
+    StoreError, WriteSummary,
+};
 use crate::config::DatabaseConfig;
-use crate::model::{Interaction, Status, Thought, ToolCall};
+use crate::model::{Interaction, Thought, ToolCall};
+
+/// How long an operation waits for a pooled connection before the database counts as
+/// unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The PostgreSQL schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -35,11 +41,12 @@ impl PostgresStore {
     /// Creates the pool. Connections are opened on first use, so a database that is down
     /// at start-up is reported by the first operation, not here.
     pub async fn connect(url: &str, options: &DatabaseConfig) -> Result<Self, StoreError> {
-        let connect = PgConnectOptions::from_str(url).map_err(StoreError::Other)?.application_name("opsagent-audit");
+        let connect =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(e.into()))?.application_name("opsagent-audit");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_open_conns)
             .max_lifetime(options.conn_max_lifetime)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(connect);
         Ok(PostgresStore { pool })
     }
@@ -64,20 +71,20 @@ pub(crate) fn classify(e: sqlx::Error) -> StoreError {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.into()),
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // SQLSTATE classes: 08 connection, 53 resources, 57 operator intervention
             // (shutdown, terminated backend), 58 system; 40001/40P01 serialisation and
             // deadlock are worth a retry. 22 data and 23 integrity are about the rows.
             match &code[..code.len().min(2)] {
-                "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(e),
-                "22" | "23" | "54" => StoreError::Rejected(e),
-                _ => StoreError::Other(e),
+                "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(e.into()),
+                "22" | "23" | "54" => StoreError::Rejected(e.into()),
+                _ => StoreError::Other(e.into()),
             }
         }
-        sqlx::Error::Encode(_) => StoreError::Rejected(e),
-        _ => StoreError::Other(e),
+        sqlx::Error::Encode(_) => StoreError::Rejected(e.into()),
+        _ => StoreError::Other(e.into()),
     }
 }
 
@@ -116,32 +123,7 @@ INSERT INTO performance_metrics (interaction_id, metric_name, duration_ms, creat
 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[])";
 
 #[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> Backend {
-        Backend::Postgres
-    }
-
-    #[instrument(skip_all)]
-    async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    #[instrument(skip_all)]
-    async fn readiness(&self) -> Result<Readiness, StoreError> {
-        let applied: Vec<i64> = match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&self.pool)
-            .await
-        {
-            Ok(v) => v,
-            // 42P01: the bookkeeping table does not exist yet, so nothing is applied.
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Vec::new(),
-            Err(e) => return Err(classify(e)),
-        };
-        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness { pending_migrations: pending })
-    }
-
+impl BatchSink for PostgresStore {
     #[instrument(skip_all, fields(records = batch.len()))]
     async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError> {
         let (records, repeats) = dedup_sorted(batch);
@@ -244,88 +226,11 @@ impl Store for PostgresStore {
         Ok(summary)
     }
 
-    #[instrument(skip(self))]
-    async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
-        let row = sqlx::query(
-            "SELECT i.*, s.client_ip, s.user_agent, i.attributes::text AS attributes_text
-             FROM interactions i LEFT JOIN sessions s USING (session_id)
-             WHERE i.interaction_id = $1",
-        )
-        .bind(interaction_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .ok_or(StoreError::NotFound)?;
-        let mut record = interaction_from_row(&row).map_err(StoreError::Other)?;
-
-        record.thoughts = sqlx::query(
-            "SELECT thought, sequence_number FROM thoughts WHERE interaction_id = $1 ORDER BY sequence_number, id",
-        )
-        .bind(interaction_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(|r| {
-            Ok(Thought {
-                content: r.try_get::<Option<String>, _>("thought")?.unwrap_or_default(),
-                sequence_number: r.try_get("sequence_number")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::Other)?;
-
-        record.tool_calls = sqlx::query(
-            "SELECT tool_name, tool_input, tool_observation, sequence_number, duration_ms,
-                    thought_sequence_number, error
-             FROM tool_calls WHERE interaction_id = $1 ORDER BY sequence_number, id",
-        )
-        .bind(interaction_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(|r| {
-            Ok(ToolCall {
-                tool_name: r.try_get("tool_name")?,
-                tool_input: r.try_get("tool_input")?,
-                tool_observation: r.try_get("tool_observation")?,
-                sequence_number: r.try_get("sequence_number")?,
-                duration_ms: r.try_get("duration_ms")?,
-                thought_sequence_number: r.try_get("thought_sequence_number")?,
-                error: r.try_get("error")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::Other)?;
-
-        record.metrics =
-            sqlx::query("SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = $1")
-                .bind(interaction_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?
-                .iter()
-                .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
-                .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
-                .map_err(StoreError::Other)?;
-        Ok(record)
-    }
-
-    async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
-        Ok(n as u64)
-    }
-
     async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         if letters.is_empty() {
             return Ok(());
         }
-        let mut letters: Vec<&DeadLetter> = letters.iter().collect();
-        // One row per id: ON CONFLICT cannot touch the same row twice in one statement.
-        letters.sort_by_key(|l| l.interaction_id);
-        letters.dedup_by_key(|l| l.interaction_id);
+        let letters = dedup_dead_letters(letters);
         sqlx::query(
             "INSERT INTO dead_letters (interaction_id, record, error, failed_at)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
@@ -342,63 +247,50 @@ impl Store for PostgresStore {
         .map_err(classify)?;
         Ok(())
     }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    #[instrument(skip_all)]
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| migrate_error(e, classify))
+    }
+
+    #[instrument(skip_all)]
+    async fn readiness(&self) -> Result<Readiness, StoreError> {
+        let applied: Vec<i64> = match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(v) => v,
+            // 42P01: the bookkeeping table does not exist yet, so nothing is applied.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(classify(e)),
+        };
+        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
+        Ok(Readiness { pending_migrations: pending })
+    }
+
+    #[instrument(skip(self))]
+    async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
+        read_interaction!(&self.pool, interaction_id, classify)
+    }
+
+    async fn count_interactions(&self) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
+        Ok(n as u64)
+    }
 
     async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT interaction_id, record, error, attempts, failed_at FROM dead_letters
-             ORDER BY failed_at DESC, id DESC LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    interaction_id: row.try_get("interaction_id")?,
-                    record: row.try_get("record")?,
-                    error: row.try_get("error")?,
-                    attempts: row.try_get("attempts")?,
-                    failed_at: row.try_get("failed_at")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::Other)
+        read_dead_letters!(&self.pool, limit, classify)
     }
 
     async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-fn interaction_from_row(row: &PgRow) -> Result<Interaction, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let attributes: String = row.try_get("attributes_text")?;
-    Ok(Interaction {
-        interaction_id: row.try_get("interaction_id")?,
-        session_id: row.try_get("session_id")?,
-        user_id: row.try_get("user_id")?,
-        client_ip: row.try_get("client_ip")?,
-        user_agent: row.try_get("user_agent")?,
-        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
-        endpoint: row.try_get("endpoint")?,
-        question: row.try_get("question")?,
-        model_name: row.try_get("model_name")?,
-        provider: row.try_get("provider")?,
-        base_url: row.try_get("base_url")?,
-        cluster: row.try_get("cluster")?,
-        thoughts: Vec::new(),
-        tool_calls: Vec::new(),
-        final_answer: row.try_get("final_answer")?,
-        status: Status::parse(&status).unwrap_or(Status::Error),
-        error: row.try_get("error")?,
-        http_status: row.try_get("http_status")?,
-        total_duration_ms: row.try_get("total_duration_ms")?,
-        assistant_duration_ms: row.try_get("assistant_duration_ms")?,
-        parse_duration_ms: row.try_get("parse_duration_ms")?,
-        metrics: BTreeMap::new(),
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        attributes: serde_json::from_str(&attributes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-    })
 }

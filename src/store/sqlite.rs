@@ -6,7 +6,7 @@
 //! `json_each`, so the statement count does not grow with the batch and no batch can hit
 //! SQLite's limit on bound parameters.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -14,16 +14,26 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{dedup_sorted, sessions_of, Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
-use crate::model::{Interaction, Status, Thought, ToolCall};
+use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS};
+use super::{
+    dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
+    StoreError, WriteSummary,
+};
+use crate::model::Interaction;
+
+/// How long a statement waits for SQLite's file lock (another process, a checkpoint).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections of a file database.
+const MAX_CONNECTIONS: u32 = 4;
+/// Idle connections of a file database are closed after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A connection of a file database is replaced after this.
+const MAX_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The SQLite schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -40,32 +50,24 @@ pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn parse_time(s: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
-fn parse_uuid(s: &str) -> Result<Uuid, sqlx::Error> {
-    Uuid::parse_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite://PATH` URL names.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(StoreError::Other)?
+            .map_err(|e| StoreError::Other(e.into()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a committed batch survives power loss, which the audit promise needs.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             // An in-memory database exists once per connection: keep exactly one.
-            .max_connections(if in_memory { 1 } else { 4 })
+            .max_connections(if in_memory { 1 } else { MAX_CONNECTIONS })
             .min_connections(if in_memory { 1 } else { 0 })
-            .idle_timeout(if in_memory { None } else { Some(Duration::from_secs(600)) })
-            .max_lifetime(if in_memory { None } else { Some(Duration::from_secs(3600)) })
+            .idle_timeout(if in_memory { None } else { Some(IDLE_TIMEOUT) })
+            .max_lifetime(if in_memory { None } else { Some(MAX_LIFETIME) })
             .connect_with(options)
             .await
             .map_err(classify)?;
@@ -82,19 +84,19 @@ fn classify(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::RowNotFound => StoreError::NotFound,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            StoreError::Unavailable(e)
+            StoreError::Unavailable(e.into())
         }
         sqlx::Error::Database(db) => {
             // Primary result codes: 5 BUSY, 6 LOCKED, 10 IOERR, 13 FULL, 14 CANTOPEN are
             // about the file; 19 CONSTRAINT, 18 TOOBIG, 20 MISMATCH are about the rows.
             let code: i64 = db.code().and_then(|c| c.parse().ok()).unwrap_or(0);
             match code & 0xff {
-                5 | 6 | 10 | 13 | 14 => StoreError::Unavailable(e),
-                18..=20 => StoreError::Rejected(e),
-                _ => StoreError::Other(e),
+                5 | 6 | 10 | 13 | 14 => StoreError::Unavailable(e.into()),
+                18..=20 => StoreError::Rejected(e.into()),
+                _ => StoreError::Other(e.into()),
             }
         }
-        _ => StoreError::Other(e),
+        _ => StoreError::Other(e.into()),
     }
 }
 
@@ -131,37 +133,7 @@ INSERT INTO performance_metrics (interaction_id, metric_name, duration_ms, creat
 SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1)";
 
 #[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> Backend {
-        Backend::Sqlite
-    }
-
-    #[instrument(skip_all)]
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let _guard = self.write_lock.lock().await;
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    #[instrument(skip_all)]
-    async fn readiness(&self) -> Result<Readiness, StoreError> {
-        let has_table: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(classify)?;
-        let applied: Vec<i64> = if has_table == 0 {
-            Vec::new()
-        } else {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?
-        };
-        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness { pending_migrations: pending })
-    }
-
+impl BatchSink for SqliteStore {
     #[instrument(skip_all, fields(records = batch.len()))]
     async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError> {
         let (records, repeats) = dedup_sorted(batch);
@@ -261,87 +233,12 @@ impl Store for SqliteStore {
         Ok(summary)
     }
 
-    #[instrument(skip(self))]
-    async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
-        let id = interaction_id.to_string();
-        let row = sqlx::query(
-            "SELECT i.*, s.client_ip, s.user_agent
-             FROM interactions i LEFT JOIN sessions s ON s.session_id = i.session_id
-             WHERE i.interaction_id = ?1",
-        )
-        .bind(&id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .ok_or(StoreError::NotFound)?;
-        let mut record = interaction_from_row(&row).map_err(StoreError::Other)?;
-
-        record.thoughts = sqlx::query(
-            "SELECT thought, sequence_number FROM thoughts WHERE interaction_id = ?1 ORDER BY sequence_number, id",
-        )
-        .bind(&id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(|r| {
-            Ok(Thought {
-                content: r.try_get::<Option<String>, _>("thought")?.unwrap_or_default(),
-                sequence_number: r.try_get("sequence_number")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::Other)?;
-
-        record.tool_calls = sqlx::query(
-            "SELECT tool_name, tool_input, tool_observation, sequence_number, duration_ms,
-                    thought_sequence_number, error
-             FROM tool_calls WHERE interaction_id = ?1 ORDER BY sequence_number, id",
-        )
-        .bind(&id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .iter()
-        .map(|r| {
-            Ok(ToolCall {
-                tool_name: r.try_get("tool_name")?,
-                tool_input: r.try_get("tool_input")?,
-                tool_observation: r.try_get("tool_observation")?,
-                sequence_number: r.try_get("sequence_number")?,
-                duration_ms: r.try_get("duration_ms")?,
-                thought_sequence_number: r.try_get("thought_sequence_number")?,
-                error: r.try_get("error")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::Other)?;
-
-        record.metrics =
-            sqlx::query("SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = ?1")
-                .bind(&id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?
-                .iter()
-                .map(|r| Ok((r.try_get("metric_name")?, r.try_get("duration_ms")?)))
-                .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()
-                .map_err(StoreError::Other)?;
-        Ok(record)
-    }
-
-    async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM interactions").fetch_one(&self.pool).await.map_err(classify)?;
-        Ok(n as u64)
-    }
-
     async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         if letters.is_empty() {
             return Ok(());
         }
-        let rows: Vec<serde_json::Value> = letters
-            .iter()
+        let rows: Vec<serde_json::Value> = dedup_dead_letters(letters)
+            .into_iter()
             .map(|l| json!([l.interaction_id.to_string(), l.record, l.error, format_time(&l.failed_at)]))
             .collect();
         let _guard = self.write_lock.lock().await;
@@ -358,63 +255,56 @@ impl Store for SqliteStore {
         .map_err(classify)?;
         Ok(())
     }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    #[instrument(skip_all)]
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().await;
+        MIGRATOR.run(&self.pool).await.map_err(|e| migrate_error(e, classify))
+    }
+
+    #[instrument(skip_all)]
+    async fn readiness(&self) -> Result<Readiness, StoreError> {
+        let has_table: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+        let applied: Vec<i64> = if has_table == 0 {
+            Vec::new()
+        } else {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?
+        };
+        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
+        Ok(Readiness { pending_migrations: pending })
+    }
+
+    #[instrument(skip(self))]
+    async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
+        let id = interaction_id.to_string();
+        read_interaction!(&self.pool, &id, classify)
+    }
+
+    async fn count_interactions(&self) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
+        Ok(n as u64)
+    }
 
     async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT interaction_id, record, error, attempts, failed_at FROM dead_letters
-             ORDER BY failed_at DESC, id DESC LIMIT ?1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    interaction_id: parse_uuid(row.try_get("interaction_id")?)?,
-                    record: row.try_get("record")?,
-                    error: row.try_get("error")?,
-                    attempts: row.try_get("attempts")?,
-                    failed_at: parse_time(row.try_get("failed_at")?)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::Other)
+        read_dead_letters!(&self.pool, limit, classify)
     }
 
     async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-fn interaction_from_row(row: &SqliteRow) -> Result<Interaction, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let attributes: String = row.try_get("attributes")?;
-    Ok(Interaction {
-        interaction_id: parse_uuid(row.try_get("interaction_id")?)?,
-        session_id: parse_uuid(row.try_get("session_id")?)?,
-        user_id: row.try_get("user_id")?,
-        client_ip: row.try_get("client_ip")?,
-        user_agent: row.try_get("user_agent")?,
-        created_at: parse_time(row.try_get("created_at")?)?,
-        endpoint: row.try_get("endpoint")?,
-        question: row.try_get("question")?,
-        model_name: row.try_get("model_name")?,
-        provider: row.try_get("provider")?,
-        base_url: row.try_get("base_url")?,
-        cluster: row.try_get("cluster")?,
-        thoughts: Vec::new(),
-        tool_calls: Vec::new(),
-        final_answer: row.try_get("final_answer")?,
-        status: Status::parse(&status).unwrap_or(Status::Error),
-        error: row.try_get("error")?,
-        http_status: row.try_get("http_status")?,
-        total_duration_ms: row.try_get("total_duration_ms")?,
-        assistant_duration_ms: row.try_get("assistant_duration_ms")?,
-        parse_duration_ms: row.try_get("parse_duration_ms")?,
-        metrics: BTreeMap::new(),
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        attributes: serde_json::from_str(&attributes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-    })
 }

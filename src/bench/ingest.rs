@@ -1,0 +1,205 @@
+//! `bench ingest`: the standard workload through the real pipeline, queued and with
+//! durable acknowledgements, and the same rows loaded with plain PostgreSQL `COPY` into a
+//! fresh schema in the same run, as the baseline. The last line printed is
+//! machine-readable: `ingest_per_s=… copy_per_s=… ratio=…` (SQLite: `ingest_per_s=…`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+
+use super::copy::run_copy_baseline;
+use super::{peak_rss_bytes, payload_bytes, tempfile_dir, PhaseResult, Workload};
+use crate::config::{Config, LimitsConfig};
+use crate::model::Interaction;
+use crate::pipeline::AuditLogger;
+use crate::store::{self, Backend, Store};
+
+/// Options of `bench ingest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestBenchArgs {
+    /// Interactions to send.
+    #[arg(long, default_value_t = 20_000)]
+    pub records: u64,
+    /// Seed of the workload's content.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Writers (default: audit.async.workers).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Records per transaction (default: audit.async.batch_size).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Skip the COPY baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+}
+
+/// Runs the benchmark and prints its table to stdout.
+/// Runs the benchmark and prints its table to stdout.
+pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Result<()> {
+    let url = config.database.resolved_url()?;
+    let store = store::open(&config.database).await.context("opening the benchmark database")?;
+    store.migrate().await.context("migrating the benchmark database")?;
+    let mut pipeline_config = config.pipeline.clone();
+    if let Some(w) = args.workers {
+        pipeline_config.workers = w;
+    }
+    if let Some(b) = args.batch_size {
+        pipeline_config.batch_size = b;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "opsagent-audit bench ingest: {} interactions, seed {}, {:?} (workers {}, batch {}, queue {})",
+        args.records,
+        args.seed,
+        store.backend(),
+        pipeline_config.workers,
+        pipeline_config.batch_size,
+        pipeline_config.queue_size
+    )?;
+    out.flush()?;
+
+    let pipeline = run_pipeline(store.clone(), &pipeline_config, &config.limits, &args).await?;
+    let durable = run_durable(store.clone(), config, &pipeline_config, &args).await?;
+    let baseline = if store.backend() == Backend::Postgres && !args.no_baseline {
+        Some(run_copy_baseline(&url, &args).await?)
+    } else {
+        None
+    };
+    store.close().await;
+
+    let mut table = String::new();
+    writeln!(
+        table,
+        "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
+        "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
+    )?;
+    for (name, r) in [("pipeline", Some(&pipeline)), ("durable", Some(&durable)), ("copy", baseline.as_ref())] {
+        let Some(r) = r else { continue };
+        let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
+        writeln!(
+            table,
+            "{:<10} {:>9} {:>9.2} {:>11.0} {:>8.1} {:>9} {:>9} {:>12}",
+            name,
+            r.records,
+            r.elapsed.as_secs_f64(),
+            r.per_second(),
+            r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9),
+            ms(r.p50_us),
+            ms(r.p99_us),
+            r.peak_rss.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+        )?;
+    }
+    write!(out, "{table}")?;
+    writeln!(
+        out,
+        "queued_per_s={:.0} durable_per_s={:.0} durable_ratio={:.2}",
+        pipeline.per_second(),
+        durable.per_second(),
+        durable.per_second() / pipeline.per_second()
+    )?;
+    match baseline {
+        Some(b) => writeln!(
+            out,
+            "ingest_per_s={:.0} copy_per_s={:.0} ratio={:.2}",
+            pipeline.per_second(),
+            b.per_second(),
+            pipeline.per_second() / b.per_second()
+        )?,
+        None => writeln!(out, "ingest_per_s={:.0}", pipeline.per_second())?,
+    }
+    Ok(())
+}
+
+async fn run_pipeline(
+    store: Arc<dyn Store>,
+    pipeline_config: &crate::config::AsyncConfig,
+    limits: &LimitsConfig,
+    args: &IngestBenchArgs,
+) -> anyhow::Result<PhaseResult> {
+    let before = store.count_interactions().await?;
+    let mut workload = Workload::new(args.seed);
+    let logger = AuditLogger::start(store.clone(), pipeline_config, limits);
+    // Pace the producer so the benchmark measures the writers, not the drop policy.
+    let high_water = (pipeline_config.queue_size / 2).max(pipeline_config.batch_size);
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    for i in 0..args.records {
+        let record = workload.record(i);
+        bytes += payload_bytes(&record) as u64;
+        while logger.queue_len() >= high_water {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        logger.log(record);
+    }
+    let report = logger.shutdown(Duration::from_secs(3600)).await;
+    let elapsed = started.elapsed();
+    let stats = logger.stats();
+    let after = store.count_interactions().await?;
+    ensure!(
+        report.stats.dropped_total() == 0 && after - before == args.records,
+        "pipeline lost records: {} sent, {} stored, {} dropped",
+        args.records,
+        after - before,
+        report.stats.dropped_total()
+    );
+    Ok(PhaseResult {
+        records: args.records,
+        elapsed,
+        bytes,
+        p50_us: Some(stats.latency_quantile_us(0.5)),
+        p99_us: Some(stats.latency_quantile_us(0.99)),
+        peak_rss: peak_rss_bytes(),
+    })
+}
+
+/// The same workload with durable acknowledgements (the HTTP default): each record is
+/// fsync'd in a spool (in a temporary directory) before its producer is answered, then
+/// written from there. `DURABLE_PRODUCERS` records are in flight at once, as from that
+/// many concurrent clients. Timed until every record is committed.
+async fn run_durable(
+    store: Arc<dyn Store>,
+    config: &Config,
+    pipeline_config: &crate::config::AsyncConfig,
+    args: &IngestBenchArgs,
+) -> anyhow::Result<PhaseResult> {
+    use futures::StreamExt;
+    const DURABLE_PRODUCERS: usize = 256;
+    let before = store.count_interactions().await?;
+    let dir = tempfile_dir()?;
+    let spool_config = crate::config::SpoolConfig { dir: dir.clone(), ..config.spool.clone() };
+    let spool = crate::pipeline::Spool::open(&spool_config, pipeline_config.queue_size)?;
+    let logger = AuditLogger::start_with_spool(store.clone(), pipeline_config, &config.limits, Some(spool));
+    // Fresh ids: the queued phase already stored this seed's records.
+    let mut workload = Workload::new(args.seed ^ 0x5eed_d0d0);
+    let records: Vec<Interaction> = (0..args.records).map(|i| workload.record(i)).collect();
+    let bytes = records.iter().map(|r| payload_bytes(r) as u64).sum();
+    let started = Instant::now();
+    let failures = futures::stream::iter(records)
+        .map(|r| logger.log_durable(r))
+        .buffer_unordered(DURABLE_PRODUCERS)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    let acked_in = started.elapsed();
+    while store.count_interactions().await? < before + args.records {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let report = logger.shutdown(Duration::from_secs(3600)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(failures == 0 && report.stats.dropped_total() == 0, "durable phase lost records: {failures} failed");
+    tracing::info!(?acked_in, ?elapsed, "durable phase: all acknowledged, then all committed");
+    Ok(PhaseResult {
+        records: args.records,
+        elapsed,
+        bytes,
+        p50_us: Some(logger.stats().latency_quantile_us(0.5)),
+        p99_us: Some(logger.stats().latency_quantile_us(0.99)),
+        peak_rss: peak_rss_bytes(),
+    })
+}

@@ -1,0 +1,251 @@
+//! The reader: a task that reads spooled records back in order, never past the last
+//! fsync'd byte, and hands them out in batches.
+//!
+//! A corrupt frame found while reading (damage after the write was fsync'd) is skipped
+//! by resynchronising on the next valid frame (`frame::resync`); the records it cost are
+//! counted when the segment is finished, from the gap between the records the segment
+//! holds and the records read.
+
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::frame::{self, Corruption, HEADER, MAGIC};
+use super::io::ReadFile;
+use super::ledger::Segment;
+use super::{sub_saturating, Shared, SpoolRef, Spooled};
+use crate::model::Interaction;
+
+/// Wait before retrying after a read error.
+const READ_RETRY: Duration = Duration::from_secs(1);
+/// Look again this often even without a wake-up (belt and braces).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// Read buffer size.
+const READ_BUFFER: usize = 1 << 20;
+
+pub(super) struct Reader {
+    shared: Arc<Shared>,
+    batch_size: usize,
+    tx: mpsc::Sender<Vec<Spooled>>,
+    /// The segment being read, if any.
+    segment: Option<u64>,
+    /// Where the next frame starts in it.
+    offset: u64,
+    /// An open reader positioned at `offset`, reused between batches.
+    file: Option<BufReader<Box<dyn ReadFile>>>,
+    /// Segments below this id are finished.
+    next_from: u64,
+}
+
+/// What the reader should do next, decided under the lock.
+enum Step {
+    Read { segment: u64, path: PathBuf, from: u64, until: u64 },
+    Wait,
+}
+
+/// What one blocking read found.
+struct Chunk {
+    reader: Option<BufReader<Box<dyn ReadFile>>>,
+    /// Where reading stopped.
+    offset: u64,
+    payloads: Vec<Vec<u8>>,
+    /// A corrupt region skipped: why, and its length.
+    skipped: Option<(Corruption, u64)>,
+}
+
+impl Reader {
+    pub(super) fn new(shared: Arc<Shared>, batch_size: usize, tx: mpsc::Sender<Vec<Spooled>>) -> Reader {
+        Reader { shared, batch_size: batch_size.max(1), tx, segment: None, offset: 0, file: None, next_from: 0 }
+    }
+
+    pub(super) async fn run(mut self) {
+        let shared = self.shared.clone();
+        loop {
+            if shared.stop_reading.is_cancelled() {
+                break;
+            }
+            let notified = shared.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.next_step() {
+                Step::Wait => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = shared.stop_reading.cancelled() => break,
+                        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                    }
+                }
+                Step::Read { segment, path, from, until } => {
+                    let Some(batch) = self.read(segment, path, from, until).await else { continue };
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    tokio::select! {
+                        sent = self.tx.send(batch) => if sent.is_err() { break },
+                        _ = shared.stop_reading.cancelled() => break,
+                    }
+                }
+            }
+        }
+        tracing::debug!("spool reader stopped");
+    }
+
+    /// Picks the next range to read: the rest of the current segment up to its durable
+    /// length, else the next segment. Segments it finishes are deleted outside the lock.
+    fn next_step(&mut self) -> Step {
+        let mut finished = Vec::new();
+        let step = self.plan(&mut finished);
+        for seg in finished {
+            self.shared.delete(seg);
+        }
+        step
+    }
+
+    fn plan(&mut self, finished: &mut Vec<Segment>) -> Step {
+        let mut state = self.shared.lock();
+        loop {
+            let id = match self.segment {
+                Some(id) if state.ledger.get(id).is_some() => id,
+                evicted => {
+                    // None yet, or the current one was evicted (drop_oldest): go on after it.
+                    if let Some(old) = evicted {
+                        self.next_from = self.next_from.max(old + 1);
+                    }
+                    self.file = None;
+                    let Some(id) = state.ledger.first_from(self.next_from) else {
+                        self.segment = None;
+                        return Step::Wait;
+                    };
+                    self.segment = Some(id);
+                    self.offset = MAGIC.len() as u64;
+                    id
+                }
+            };
+            let Some(seg) = state.ledger.get(id) else { continue };
+            if self.offset < seg.bytes {
+                return Step::Read { segment: id, path: seg.path.clone(), from: self.offset, until: seg.bytes };
+            }
+            if !seg.sealed {
+                return Step::Wait;
+            }
+            let (lost, done) = state.ledger.finish_reading(id);
+            if lost > 0 {
+                let stats = &self.shared.stats;
+                stats.corrupt_records.fetch_add(lost, Ordering::Relaxed);
+                sub_saturating(&stats.records, lost);
+                tracing::error!(segment = id, records = lost, "spooled records lost to a corrupt region of the segment");
+            }
+            finished.extend(done);
+            self.next_from = id + 1;
+            self.segment = None;
+            self.file = None;
+        }
+    }
+
+    /// Reads up to a batch of records from `segment` between `from` and `until`.
+    async fn read(&mut self, segment: u64, path: PathBuf, from: u64, until: u64) -> Option<Vec<Spooled>> {
+        let open = self.file.take();
+        let max = self.batch_size;
+        let fs = self.shared.fs.clone();
+        let result = tokio::task::spawn_blocking(move || -> std::io::Result<Chunk> {
+            let mut reader = match open {
+                Some(reader) => reader,
+                None => {
+                    let mut file = fs.open(&path)?;
+                    file.seek(SeekFrom::Start(from))?;
+                    BufReader::with_capacity(READ_BUFFER, file)
+                }
+            };
+            let mut offset = from;
+            let mut payloads = Vec::new();
+            while payloads.len() < max && offset < until {
+                match read_frame(&mut reader, until - offset)? {
+                    Ok(payload) => {
+                        offset += (HEADER + payload.len()) as u64;
+                        payloads.push(payload);
+                    }
+                    Err(why) => {
+                        // Read the rest of the durable range and look for the next frame.
+                        let mut rest = Vec::new();
+                        let mut file = fs.open(&path)?;
+                        file.seek(SeekFrom::Start(offset))?;
+                        file.take(until - offset).read_to_end(&mut rest)?;
+                        let skip = frame::resync(&rest).unwrap_or(rest.len()) as u64;
+                        return Ok(Chunk { reader: None, offset: offset + skip, payloads, skipped: Some((why, skip)) });
+                    }
+                }
+            }
+            Ok(Chunk { reader: Some(reader), offset, payloads, skipped: None })
+        })
+        .await;
+        let chunk = match result {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(e)) => {
+                tracing::error!(segment, error = %e, "cannot read the spool; retrying in 1s");
+                tokio::time::sleep(READ_RETRY).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(segment, error = %e, "spool read task failed; retrying in 1s");
+                tokio::time::sleep(READ_RETRY).await;
+                return None;
+            }
+        };
+        if let Some((why, bytes)) = chunk.skipped {
+            tracing::error!(
+                segment,
+                offset = chunk.offset - bytes,
+                skipped_bytes = bytes,
+                reason = why.as_str(),
+                "corrupt spool frame; skipped to the next valid frame"
+            );
+        }
+        let stats = &self.shared.stats;
+        let at = SpoolRef { segment };
+        let mut batch = Vec::with_capacity(chunk.payloads.len());
+        let mut undecodable = 0u64;
+        for payload in chunk.payloads {
+            match serde_json::from_slice::<Interaction>(&payload) {
+                Ok(record) => batch.push(Spooled { record, at }),
+                Err(e) => {
+                    undecodable += 1;
+                    stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
+                    stats.corrupt_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    tracing::error!(segment, error = %e, "spooled record cannot be decoded; discarding it");
+                }
+            }
+        }
+        self.shared.lock().ledger.handed_out(segment, batch.len() as u64, undecodable);
+        if undecodable > 0 {
+            sub_saturating(&stats.records, undecodable);
+        }
+        stats.replayed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.offset = chunk.offset;
+        self.file = chunk.reader;
+        Some(batch)
+    }
+}
+
+/// Reads one frame from `reader` with `available` durable bytes left: its payload, or why
+/// the bytes there are not a frame.
+fn read_frame(reader: &mut impl Read, available: u64) -> std::io::Result<Result<Vec<u8>, Corruption>> {
+    if available < HEADER as u64 {
+        return Ok(Err(Corruption::TornHeader));
+    }
+    let mut head = [0u8; HEADER];
+    reader.read_exact(&mut head)?;
+    let (len, crc) = match frame::check_header(&head, available - HEADER as u64) {
+        Ok(h) => h,
+        Err(why) => return Ok(Err(why)),
+    };
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload)?;
+    if crc32fast::hash(&payload) != crc {
+        return Ok(Err(Corruption::CrcMismatch));
+    }
+    Ok(Ok(payload))
+}

@@ -1,0 +1,197 @@
+//! Opening a spool directory: take its lock, find the segments an earlier run left,
+//! check each frame by frame, cut off a torn tail, and rebuild the [`Ledger`].
+//!
+//! Nothing found here is ever a reason not to start: a file that is not a segment is
+//! discarded, a torn tail is truncated, a corrupt frame in the middle is skipped (the
+//! frames after it are kept, see `frame`), and each loss is logged and counted.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use super::frame::{self, Decoded, MAGIC};
+use super::io::Filesystem;
+use super::ledger::{Ledger, Segment};
+use super::{SpoolError, SpoolStats};
+
+/// The name of a segment file: its id as 16 hex digits.
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+/// Creates the directory and takes the exclusive lock on `DIR/LOCK`, held for as long as
+/// the returned file is open.
+pub fn lock(dir: &Path) -> Result<File, SpoolError> {
+    fs::create_dir_all(dir).map_err(|e| SpoolError::io(dir, e))?;
+    let path = dir.join("LOCK");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| SpoolError::io(&path, e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(SpoolError::io(&path, e)),
+    }
+}
+
+/// The ids of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| SpoolError::io(dir, e))? {
+        let entry = entry.map_err(|e| SpoolError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = name.strip_suffix(".seg").and_then(|h| u64::from_str_radix(h, 16).ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// What checking one segment found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Checked {
+    /// Length of the valid part (the file is cut to it).
+    pub bytes: u64,
+    /// Valid frames.
+    pub records: u64,
+    /// Corrupt regions skipped in the middle, and a torn tail if any.
+    pub corrupt_regions: u64,
+    /// Bytes in them.
+    pub corrupt_bytes: u64,
+}
+
+/// Walks the frames of a segment held in memory. `None` when it is not a segment at all.
+pub fn check(bytes: &[u8]) -> Option<Checked> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return None;
+    }
+    let mut checked = Checked { bytes: MAGIC.len() as u64, ..Checked::default() };
+    let mut at = MAGIC.len();
+    loop {
+        match frame::decode(&bytes[at..]) {
+            Decoded::Frame { len, .. } => {
+                at += len;
+                checked.records += 1;
+                checked.bytes = at as u64;
+            }
+            Decoded::End => break,
+            Decoded::Corrupt(_) => {
+                checked.corrupt_regions += 1;
+                match frame::resync(&bytes[at..]) {
+                    Some(skip) => {
+                        checked.corrupt_bytes += skip as u64;
+                        at += skip;
+                    }
+                    None => {
+                        // Nothing valid after it: a torn tail, cut off.
+                        checked.corrupt_bytes += (bytes.len() - at) as u64;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Some(checked)
+}
+
+/// Checks a segment found at start-up and truncates it after its last valid frame.
+/// `None` when the file is not a segment (it is counted and should be deleted).
+fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Result<Option<Checked>, SpoolError> {
+    let mut bytes = Vec::new();
+    fs.open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| SpoolError::io(path, e))?;
+    let Some(checked) = check(&bytes) else {
+        let len = bytes.len() as u64;
+        stats.corrupt_bytes.fetch_add(len, Ordering::Relaxed);
+        if len > 0 {
+            stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::error!(segment = %path.display(), bytes = len, "spool segment has no valid header; discarding it");
+        return Ok(None);
+    };
+    if checked.corrupt_regions > 0 {
+        stats.corrupt_records.fetch_add(checked.corrupt_regions, Ordering::Relaxed);
+        stats.corrupt_bytes.fetch_add(checked.corrupt_bytes, Ordering::Relaxed);
+        tracing::warn!(
+            segment = %path.display(),
+            regions = checked.corrupt_regions,
+            discarded_bytes = checked.corrupt_bytes,
+            records_kept = checked.records,
+            "corrupt spool frames (a crash mid-write, or damage on disk); skipped them and kept the rest"
+        );
+    }
+    if checked.bytes < bytes.len() as u64 {
+        fs.truncate(path, checked.bytes).map_err(|e| SpoolError::io(path, e))?;
+    }
+    Ok(Some(checked))
+}
+
+/// Checks every segment in `dir` and returns the ledger of those holding records, with
+/// their total bytes and records. Empty and invalid segment files are deleted.
+pub fn recover(fs: &dyn Filesystem, dir: &Path, stats: &SpoolStats) -> Result<Ledger, SpoolError> {
+    let ids = segment_ids(dir)?;
+    let mut segments = BTreeMap::new();
+    let (mut total_bytes, mut total_records) = (0u64, 0u64);
+    for &id in &ids {
+        let path = segment_path(dir, id);
+        match recover_segment(fs, &path, stats)? {
+            Some(checked) if checked.records > 0 => {
+                total_bytes += checked.bytes;
+                total_records += checked.records;
+                segments.insert(id, Segment::recovered(path, checked.bytes, checked.records));
+            }
+            _ => fs.remove(&path).map_err(|e| SpoolError::io(&path, e))?,
+        }
+    }
+    stats.bytes.store(total_bytes, Ordering::Relaxed);
+    stats.records.store(total_records, Ordering::Relaxed);
+    if total_records > 0 {
+        tracing::info!(
+            dir = %dir.display(),
+            segments = segments.len(),
+            records = total_records,
+            bytes = total_bytes,
+            "spool holds records from an earlier run; replaying them"
+        );
+    }
+    Ok(Ledger::new(segments, ids.last().copied()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Interaction;
+
+    fn segment(questions: &[&str]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        for q in questions {
+            bytes.extend(frame::encode(&Interaction::new(*q)));
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_counted() {
+        let mut bytes = segment(&["a", "b"]);
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(&frame::encode(&Interaction::new("c"))[..20]);
+        let checked = check(&bytes).unwrap();
+        assert_eq!((checked.records, checked.bytes, checked.corrupt_regions), (2, whole, 1));
+    }
+
+    #[test]
+    fn a_corrupt_frame_in_the_middle_costs_only_itself() {
+        let mut bytes = segment(&["a", "b", "c"]);
+        let second = MAGIC.len() + frame::encode(&Interaction::new("a")).len();
+        bytes[second + 12] ^= 0xff;
+        let checked = check(&bytes).unwrap();
+        assert_eq!((checked.records, checked.corrupt_regions), (2, 1));
+        assert_eq!(checked.bytes, bytes.len() as u64, "the last frame is valid, nothing is cut");
+    }
+}
