@@ -5,14 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tokio::net::TcpListener;
 
-use crate::api::{router, AppState};
+use crate::api::Application;
 use crate::config::{redact_url, CliOverrides, Config, LogFormat};
 use crate::model::id_from_key;
-use crate::pipeline::{AuditLogger, Spool};
 use crate::store::{self, Store};
 
 /// The audit log for LLM operations agents.
@@ -117,58 +115,17 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 }
 
 /// Opens the configured store.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = config.database.resolved_url()?;
-    store::connect(&url, &config.database).await.with_context(|| format!("opening database {}", redact_url(&url)))
+    store::open(&config.database).await.with_context(|| format!("opening database {}", redact_url(&url)))
 }
 
-async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
-    let listen = config.server.listen;
-    if !listen.ip().is_loopback() && !args.insecure {
-        bail!(
-            "refusing to listen on {listen}: beyond loopback the API must be protected by tokens, \
-             which are not configured; listen on 127.0.0.1 or pass --insecure"
-        );
+async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    if args.no_migrate {
+        config.database.migrate_on_start = false;
     }
-    let store = open_store(&config).await?;
-    if config.database.migrate_on_start && !args.no_migrate {
-        store
-            .migrate()
-            .await
-            .context("applying migrations at start-up (is the database reachable? --no-migrate skips this)")?;
-    }
-    let logger = if config.enabled {
-        let spool = match config.spool.enabled {
-            true => {
-                let (spool_config, pending) = (config.spool.clone(), config.pipeline.queue_size);
-                // Opening checks every segment left by an earlier run: blocking work.
-                let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_config, pending))
-                    .await
-                    .context("opening the spool")?
-                    .with_context(|| format!("opening the spool in {}", config.spool.dir.display()))?;
-                Some(spool)
-            }
-            false => {
-                tracing::warn!("audit.spool.enabled is false: records live only in memory until committed");
-                None
-            }
-        };
-        AuditLogger::start_with_spool(store.clone(), &config.pipeline, &config.limits, spool)
-    } else {
-        tracing::warn!("audit.enabled is false: the ingest API refuses records");
-        AuditLogger::disabled()
-    };
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, database = %redact_url(&config.database.resolved_url()?), "opsagent-audit listening");
-    let shutdown_timeout = config.pipeline.shutdown_timeout;
-    let state = AppState { logger: logger.clone(), store: store.clone(), config: Arc::new(config) };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
-    tracing::info!("stopped accepting requests; draining the audit pipeline");
-    let report = logger.shutdown(shutdown_timeout).await;
-    store.close().await;
-    if !report.drained {
-        tracing::error!(abandoned = report.abandoned, "shutdown could not write every record before its deadline");
-    }
+    let app = Application::build(config, args.insecure).await?;
+    app.run_until(shutdown_signal()).await?;
     Ok(())
 }
 

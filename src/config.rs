@@ -28,20 +28,21 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8427";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
+        /// What went wrong (in the message, not a separate `source()`, so a chain
+        /// printer shows it once).
+        cause: std::io::Error,
     },
     /// The file is not YAML.
-    #[error("config file {path} is not valid YAML: {source}")]
+    #[error("config file {path} is not valid YAML: {cause}")]
     Syntax {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        source: serde_yaml_ng::Error,
+        cause: serde_yaml_ng::Error,
     },
     /// A key is unknown or its value has the wrong type.
     #[error("invalid configuration key `{key}`{origin}: {message}")]
@@ -54,14 +55,15 @@ pub enum ConfigError {
         message: String,
     },
     /// A secret file could not be read.
-    #[error("cannot read {what} from {path}: {source}")]
+    #[error("cannot read {what} from {path}: {cause}")]
     SecretFile {
         /// Which secret.
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
+        /// What went wrong (in the message, not a separate `source()`, so a chain
+        /// printer shows it once).
+        cause: std::io::Error,
     },
 }
 
@@ -194,10 +196,10 @@ impl DatabaseConfig {
                     (Some(p), _) => Some(p.clone()),
                     (None, Some(path)) => Some(
                         std::fs::read_to_string(path)
-                            .map_err(|source| ConfigError::SecretFile {
+                            .map_err(|cause| ConfigError::SecretFile {
                                 what: "database password",
                                 path: path.clone(),
-                                source,
+                                cause,
                             })?
                             .trim_end_matches(['\r', '\n'])
                             .to_string(),
@@ -408,9 +410,9 @@ impl Config {
         let mut tree = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                    .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
                 let root: FileRoot = serde_yaml_ng::from_str(&text)
-                    .map_err(|source| ConfigError::Syntax { path: path.to_path_buf(), source })?;
+                    .map_err(|cause| ConfigError::Syntax { path: path.to_path_buf(), cause })?;
                 match root.audit {
                     None | Some(Value::Null) => Value::Mapping(Default::default()),
                     Some(v) => v,
@@ -508,10 +510,13 @@ fn yaml_key_of(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> String {
     }
     // "unknown field `x`" names the offending key below the path.
     let message = e.inner().to_string();
+    // serde_path_to_error sometimes ends the path with that key already.
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some(field) = rest.split('`').next() {
-            key.push('.');
-            key.push_str(field);
+            if !key.ends_with(&format!(".{field}")) {
+                key.push('.');
+                key.push_str(field);
+            }
         }
     }
     key
@@ -743,6 +748,13 @@ audit:
     fn unknown_key_is_an_error_naming_the_key() {
         let err = load("audit:\n  async:\n    wokers: 3\n", &[]).unwrap_err().to_string();
         assert!(err.contains("audit.async.wokers"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_once() {
+        // Regression: reported as `audit.async.colour.colour`.
+        let err = load("audit:\n  async:\n    colour: blue\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("`audit.async.colour`"), "{err}");
     }
 
     #[test]

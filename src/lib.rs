@@ -1,8 +1,11 @@
 //! opsagent-audit: the audit log for LLM operations agents.
 //!
 //! Records flow one way: capture ([`ingest`], or [`pipeline::AuditLogger::log`] from a
-//! Rust program) → sanitise → [`pipeline`] (queue, batching writers) → [`store`]
+//! Rust program) → sanitise → [`pipeline`] (queue, batching writers, spool) → [`store`]
 //! (PostgreSQL or SQLite). Reads go [`api`] → [`store`].
+//!
+//! Dependencies point down only: [`cli`] and [`bench`] → [`api`] → [`ingest`] →
+//! [`pipeline`] → [`store`] → [`model`] and [`config`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

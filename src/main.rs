@@ -1,5 +1,7 @@
 //! The `opsagent-audit` binary: parses the command line, sets up logging, runs.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use opsagent_audit::cli::{self, Cli};
 use opsagent_audit::config::LogFormat;
@@ -16,16 +18,26 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.server.log_format {
-        LogFormat::Json => subscriber.json().init(),
-        LogFormat::Text => subscriber.init(),
+    // Colour only for a person at a terminal; a log file or collector gets plain text.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let json = config.server.log_format == LogFormat::Json;
+    if json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
     }
     match cli::run(cli, config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once: as a structured log line for JSON logs, else as a plain message.
+            if json {
+                tracing::error!(error = format!("{e:#}"), "opsagent-audit stopped with an error");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

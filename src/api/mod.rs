@@ -1,4 +1,5 @@
-//! The HTTP API: one axum router for ingest, reads and health.
+//! The HTTP API: one axum router for ingest, reads and health, and the
+//! [`Application`] that serves it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,16 @@ use crate::model::id_from_key;
 use crate::pipeline::AuditLogger;
 use crate::store::Store;
 
+mod app;
 mod error;
+mod ingest;
 
+pub use app::{AppError, Application};
 pub use error::{ApiError, ErrorBody};
+pub use ingest::{IngestResponse, RecordResult, RecordStatus};
+
+/// How long `/readyz` waits for the database to answer.
+const READINESS_PROBE: Duration = Duration::from_secs(3);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -34,7 +42,7 @@ pub struct AppState {
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/interactions", post(crate::ingest::http::post_interactions))
+        .route("/api/v1/interactions", post(ingest::post_interactions))
         .route("/api/v1/interactions/{interaction_id}", get(get_interaction))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -83,7 +91,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
                 .into_response()
         }
     };
-    match tokio::time::timeout(Duration::from_secs(3), app.store.readiness()).await {
+    match tokio::time::timeout(READINESS_PROBE, app.store.readiness()).await {
         Ok(Ok(r)) if r.is_ready() => match app.logger.database_down() {
             // The database answers a probe but batch writes still fail.
             Some(error) => unavailable(error),
@@ -99,7 +107,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         )
             .into_response(),
         Ok(Err(e)) => unavailable(e.to_string()),
-        Err(_) => unavailable("no answer within 3s".into()),
+        Err(_) => unavailable(format!("no answer within {READINESS_PROBE:?}")),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use super::copy::run_copy_baseline;
-use super::{peak_rss_bytes, payload_bytes, tempfile_dir, PhaseResult, Workload};
+use super::{payload_bytes, peak_rss_bytes, tempfile_dir, PhaseResult, Workload};
 use crate::config::{Config, LimitsConfig};
 use crate::model::Interaction;
 use crate::pipeline::AuditLogger;

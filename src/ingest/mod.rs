@@ -1,7 +1,11 @@
-//! Ways records come in. Every one ends in the same [`crate::pipeline::AuditLogger`].
+//! Ways records come in, as formats: every one ends in an [`Interaction`](crate::model::Interaction)
+//! handed to the [`crate::pipeline::AuditLogger`]. No HTTP here; `api` serves these.
 //!
-//! - [`http`]: `POST /api/v1/interactions` (one record, a JSON array, or NDJSON).
+//! - [`body`]: a request body of records (one JSON record, a JSON array, or NDJSON).
 //! - [`record`]: the wire format and its validation, shared by every JSON entry point.
 
-pub mod http;
+pub mod body;
 pub mod record;
+
+pub use body::{framing_of, parse_body, Framing, IngestError, Parsed};
+pub use record::{parse_record, FieldError};

@@ -47,7 +47,9 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
         return memory_batch(shared).await;
     };
     // `None` from the spool means its reader stopped.
-    let spool = async { spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect()) };
+    let spool = async {
+        spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect())
+    };
     if *memory_done {
         return spool.await;
     }

@@ -98,7 +98,8 @@ impl Readiness {
 /// The error a database driver (or a test double) reports, kept as the cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// Why a store operation failed.
+/// Why a store operation failed. The database's own message is part of each message
+/// (not a separate `source()`), so a chain printer shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The requested record does not exist.
@@ -106,11 +107,11 @@ pub enum StoreError {
     NotFound,
     /// The database could not be reached or the connection broke; retrying may succeed.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] BoxError),
+    Unavailable(BoxError),
     /// The database refused the data itself (a constraint, a value out of range);
     /// retrying the same records fails the same way.
     #[error("database rejected the data: {0}")]
-    Rejected(#[source] BoxError),
+    Rejected(BoxError),
     /// A stored value cannot be read back as what it should be (a `status` no version
     /// of this program writes, an id that is not a UUID).
     #[error("stored {column} cannot be read: {message}")]
@@ -122,7 +123,7 @@ pub enum StoreError {
     },
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
-    Migration(#[source] BoxError),
+    Migration(BoxError),
     /// The URL names no supported database.
     #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://PATH")]
     UnsupportedUrl(String),
@@ -131,7 +132,7 @@ pub enum StoreError {
     Config(#[from] ConfigError),
     /// Anything else the database said.
     #[error("database error: {0}")]
-    Other(#[source] BoxError),
+    Other(BoxError),
 }
 
 impl StoreError {

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -27,6 +28,8 @@ use crate::model::{Interaction, Thought, ToolCall};
 /// How long an operation waits for a pooled connection before the database counts as
 /// unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the direct connection that explains a pool timeout may take.
+const CONNECT_PROBE: Duration = Duration::from_secs(3);
 
 /// The PostgreSQL schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -41,8 +44,9 @@ impl PostgresStore {
     /// Creates the pool. Connections are opened on first use, so a database that is down
     /// at start-up is reported by the first operation, not here.
     pub async fn connect(url: &str, options: &DatabaseConfig) -> Result<Self, StoreError> {
-        let connect =
-            PgConnectOptions::from_str(url).map_err(|e| StoreError::Other(e.into()))?.application_name("opsagent-audit");
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Other(e.into()))?
+            .application_name("opsagent-audit");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_open_conns)
             .max_lifetime(options.conn_max_lifetime)
@@ -59,6 +63,26 @@ impl PostgresStore {
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// sqlx reports a server that refuses connections as "pool timed out", hiding why;
+    /// for the operations an operator reads the error of (migrate, readiness), one
+    /// direct connection attempt names the cause ("connection refused", a bad password).
+    async fn explain_timeout(&self, e: StoreError) -> StoreError {
+        let timed_out = matches!(&e, StoreError::Unavailable(inner)
+            if matches!(inner.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::PoolTimedOut)));
+        if !timed_out {
+            return e;
+        }
+        let options = self.pool.connect_options();
+        match tokio::time::timeout(CONNECT_PROBE, PgConnection::connect_with(&options)).await {
+            Ok(Err(cause)) => StoreError::unavailable(format!("cannot connect: {cause}")),
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                e
+            }
+            Err(_) => StoreError::unavailable(format!("cannot connect: no answer within {CONNECT_PROBE:?}")),
+        }
     }
 }
 
@@ -257,7 +281,10 @@ impl Store for PostgresStore {
 
     #[instrument(skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| migrate_error(e, classify))
+        match MIGRATOR.run(&self.pool).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain_timeout(migrate_error(e, classify)).await),
+        }
     }
 
     #[instrument(skip_all)]
@@ -269,7 +296,7 @@ impl Store for PostgresStore {
             Ok(v) => v,
             // 42P01: the bookkeeping table does not exist yet, so nothing is applied.
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Vec::new(),
-            Err(e) => return Err(classify(e)),
+            Err(e) => return Err(self.explain_timeout(classify(e)).await),
         };
         let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
         Ok(Readiness { pending_migrations: pending })
@@ -281,8 +308,7 @@ impl Store for PostgresStore {
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
+        let n: i64 = sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
     }
 

@@ -229,8 +229,11 @@ macro_rules! read_interaction {
             .fetch_all($pool)
             .await
             .map_err($classify)?;
-        let metrics =
-            sqlx::query_as::<_, rows::MetricRow>(rows::SELECT_METRICS).bind($id).fetch_all($pool).await.map_err($classify)?;
+        let metrics = sqlx::query_as::<_, rows::MetricRow>(rows::SELECT_METRICS)
+            .bind($id)
+            .fetch_all($pool)
+            .await
+            .map_err($classify)?;
         rows::assemble(row, thoughts, tool_calls, metrics)
     }};
 }

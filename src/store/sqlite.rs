@@ -295,8 +295,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
+        let n: i64 = sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
         Ok(n as u64)
     }
 

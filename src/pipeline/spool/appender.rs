@@ -165,7 +165,7 @@ impl Appender {
                     }
                 }
                 self.seal_active();
-                let error = SpoolError::Io { path, source: e };
+                let error = SpoolError::Io { path, cause: e };
                 for notice in notices.into_iter().flatten() {
                     let _ = notice.send(Err(error.duplicate()));
                 }

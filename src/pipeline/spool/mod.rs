@@ -69,12 +69,12 @@ use ledger::{Ledger, Segment, Settled};
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// Reading or writing the spool directory failed.
-    #[error("spool I/O error on {path}: {source}")]
+    #[error("spool I/O error on {path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
+        /// What went wrong (in the message, not a separate `source()`).
+        cause: std::io::Error,
     },
     /// Another process holds the spool directory.
     #[error("spool directory {0} is in use by another process (its LOCK file is held)")]
@@ -91,15 +91,15 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> SpoolError {
-        SpoolError::Io { path: path.to_path_buf(), source }
+    pub(crate) fn io(path: &Path, cause: std::io::Error) -> SpoolError {
+        SpoolError::Io { path: path.to_path_buf(), cause }
     }
 
     /// A copy for a second receiver (`io::Error` is not `Clone`).
     fn duplicate(&self) -> SpoolError {
         match self {
-            SpoolError::Io { path, source } => {
-                SpoolError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            SpoolError::Io { path, cause } => {
+                SpoolError::Io { path: path.clone(), cause: std::io::Error::new(cause.kind(), cause.to_string()) }
             }
             SpoolError::Locked(p) => SpoolError::Locked(p.clone()),
             SpoolError::Full { max_bytes } => SpoolError::Full { max_bytes: *max_bytes },
@@ -233,11 +233,7 @@ impl Spool {
     }
 
     /// [`Spool::open`] over a given filesystem (tests inject faults through it).
-    pub fn open_with(
-        config: &SpoolConfig,
-        pending_limit: usize,
-        fs: Arc<dyn Filesystem>,
-    ) -> Result<Spool, SpoolError> {
+    pub fn open_with(config: &SpoolConfig, pending_limit: usize, fs: Arc<dyn Filesystem>) -> Result<Spool, SpoolError> {
         let dir = config.dir.clone();
         let lock = recovery::lock(&dir)?;
         let stats = Arc::new(SpoolStats::default());

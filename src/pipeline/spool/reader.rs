@@ -137,7 +137,11 @@ impl Reader {
                 let stats = &self.shared.stats;
                 stats.corrupt_records.fetch_add(lost, Ordering::Relaxed);
                 sub_saturating(&stats.records, lost);
-                tracing::error!(segment = id, records = lost, "spooled records lost to a corrupt region of the segment");
+                tracing::error!(
+                    segment = id,
+                    records = lost,
+                    "spooled records lost to a corrupt region of the segment"
+                );
             }
             finished.extend(done);
             self.next_from = id + 1;

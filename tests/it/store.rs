@@ -1,18 +1,16 @@
 //! The behavioural suite every store must pass, run against PostgreSQL and SQLite.
 
-mod common;
-
 use std::collections::BTreeSet;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::TestDb;
 use chrono::{DateTime, TimeZone, Timelike, Utc};
-use common::TestDb;
 use opsagent_audit::config::{AsyncConfig, Config, LimitsConfig};
 use opsagent_audit::model::{Interaction, Status, Thought, ToolCall, TRUNCATION_MARKER};
 use opsagent_audit::pipeline::{AuditLogger, Outcome};
-use opsagent_audit::store::{self, Store, StoreError};
+use opsagent_audit::store::{self, DeadLetter, Store, StoreError};
 use uuid::Uuid;
 
 /// Now, at the microsecond precision both databases keep.
@@ -272,7 +270,56 @@ async fn a_waiting_producer_learns_about_duplicates(db: &TestDb) {
     log.shutdown(Duration::from_secs(10)).await;
 }
 
+/// Runs one statement on the test database over a connection of its own, behind the
+/// store's back (to damage rows as a stray client or a bug could).
+async fn execute_raw(db: &TestDb, sql: &str) {
+    use sqlx::{Connection, Executor};
+    if db.url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        conn.execute(sql).await.expect("raw statement");
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.expect("connect");
+        conn.execute(sql).await.expect("raw statement");
+    }
+}
+
+/// Regression: a stored `status` that does not parse used to read back as `error`.
+async fn a_stored_status_that_does_not_parse_is_a_decode_error(db: &TestDb) {
+    let store = db.store().await;
+    let r = full_record();
+    store.write_batch(std::slice::from_ref(&r)).await.unwrap();
+    let sql = format!(
+        "UPDATE interactions SET status = 'exploded' WHERE CAST(interaction_id AS TEXT) = '{}'",
+        r.interaction_id
+    );
+    execute_raw(db, &sql).await;
+    let err = store.get_interaction(r.interaction_id).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Decode { column: "interactions.status", message } if message.contains("exploded")),
+        "{err:?}"
+    );
+}
+
+/// Regression: PostgreSQL de-duplicated dead letters within one call, SQLite did not;
+/// both now keep one row per record, with the last reason, counting one attempt.
+async fn dead_letters_repeated_in_one_call_are_one_row(db: &TestDb) {
+    let store = db.store().await;
+    let r = full_record();
+    let first = DeadLetter::new(&r, "first reason");
+    let second = DeadLetter::new(&r, "second reason");
+    store.write_dead_letters(&[first, second]).await.unwrap();
+    let letters = store.list_dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0].error.as_str(), letters[0].attempts), ("second reason", 1));
+    // A later re-delivery counts as another attempt.
+    store.write_dead_letters(&[DeadLetter::new(&r, "third reason")]).await.unwrap();
+    let letters = store.list_dead_letters(10).await.unwrap();
+    assert_eq!((letters[0].error.as_str(), letters[0].attempts), ("third reason", 2));
+}
+
 both_backends! {
+    a_stored_status_that_does_not_parse_is_a_decode_error,
+    dead_letters_repeated_in_one_call_are_one_row,
     a_record_reads_back_exactly_as_written,
     created_at_is_when_it_happened_not_when_written,
     redelivery_stores_nothing_twice,
@@ -304,7 +351,7 @@ async fn postgres_batch_of_5000_is_committed_in_one_transaction() {
     for r in simple(Uuid::now_v7(), 5_000) {
         log.log(r);
     }
-    common::wait_for_count(&*store, 5_000).await;
+    crate::common::wait_for_count(&*store, 5_000).await;
     let report = log.shutdown(Duration::from_secs(30)).await;
     assert_eq!((report.stats.batches, report.stats.committed), (1, 5_000));
 

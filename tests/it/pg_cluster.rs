@@ -5,13 +5,11 @@
 //! Blocking harness calls run under `block_in_place` on a multi-threaded runtime; every
 //! `pg_ctl` call is bounded by its own `-t`, and each test by `LIMIT`.
 
-mod common;
-
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::pg_cluster::PgCluster;
+use crate::common::pg_cluster::PgCluster;
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
 use tokio::task::block_in_place;

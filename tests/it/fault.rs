@@ -4,101 +4,33 @@
 //! the end compares the database with what was acknowledged: 0 lost, 0 duplicated,
 //! every drop counted.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pg_cluster::PgCluster;
+use crate::common::free_port;
+use crate::common::pg_cluster::PgCluster;
+use crate::common::server::{Server, ServerBuilder};
 use serde_json::{json, Value};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use uuid::Uuid;
 
-/// The server binary, running.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(port: u16, db_url: &str, spool: &Path, work: &Path, ack: &str) -> Server {
-        let log = work.join(format!("server-{}.log", Uuid::now_v7().simple()));
-        let out = fs::File::create(&log).expect("server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_opsagent-audit"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database-url", db_url])
-            .env_remove("AUDIT_CONFIG")
-            .env("AUDIT_SPOOL_DIR", spool)
-            .env("AUDIT_ASYNC_ACK", ack)
-            .env("AUDIT_ASYNC_BATCH_INTERVAL_MS", "50")
-            .env("AUDIT_ASYNC_SHUTDOWN_TIMEOUT", "20s")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start the server binary");
-        let mut server = Server { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("server exited at start-up with {status}:\n{}", server.log_tail());
-            }
-            assert!(Instant::now() < deadline, "server did not listen within 30 s:\n{}", server.log_tail());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
-        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} failed");
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for server") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "server did not exit within {timeout:?}:\n{}", self.log_tail());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    async fn readyz(&self) -> (u16, Value) {
-        let response = reqwest::Client::new().get(self.url("/readyz")).send().await.expect("readyz");
-        (response.status().as_u16(), response.json().await.expect("readyz json"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// The server binary over the private cluster: durable or queued acknowledgements,
+/// short batches, a 20 s shutdown deadline; the same port across restarts.
+async fn start_server(port: u16, db_url: &str, spool: &Path, work: &Path, ack: &str) -> Server {
+    ServerBuilder::new(work, db_url)
+        .port(port)
+        .env("AUDIT_SPOOL_DIR", spool.display())
+        .env("AUDIT_ASYNC_ACK", ack)
+        .env("AUDIT_ASYNC_BATCH_INTERVAL_MS", "50")
+        .env("AUDIT_ASYNC_SHUTDOWN_TIMEOUT", "20s")
+        .start()
+        .await
 }
 
 /// Steady load: each task posts an array of `per_request` records every `interval` and
@@ -244,7 +176,7 @@ async fn blocking(cluster: &Arc<PgCluster>, f: fn(&PgCluster)) {
 async fn database_stopped_for_20s_under_load_loses_nothing() {
     let s = setup().await;
     let port = free_port();
-    let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     let load = Load::start(port, 2, 5, Duration::from_millis(25));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -271,7 +203,7 @@ async fn database_stopped_for_20s_under_load_loses_nothing() {
 async fn connections_killed_mid_batch_lose_nothing() {
     let s = setup().await;
     let port = free_port();
-    let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     let load = Load::start(port, 2, 20, Duration::from_millis(20));
     let mut killed = 0;
     for _ in 0..15 {
@@ -289,17 +221,17 @@ async fn sigterm_under_load_drains_and_exits_0_then_restart_keeps_everything() {
     let port = free_port();
     // Queued acknowledgements: records are only in memory when acknowledged, so this
     // checks that shutdown drains them.
-    let mut server = Server::start(port, &s.url, &s.spool, s.work.path(), "queued");
+    let mut server = start_server(port, &s.url, &s.spool, s.work.path(), "queued").await;
     let load = Load::start(port, 2, 20, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(3)).await;
     server.signal("TERM");
-    let status = server.wait_exit(Duration::from_secs(40));
+    let status = server.wait_exit(Duration::from_secs(40)).await;
     assert!(status.success(), "exit status {status}:\n{}", server.log_tail());
     let (acked, _) = load.finish().await;
     assert!(acked.len() > 100);
     drop(server);
 
-    let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     assert_nothing_lost(&server, &s.url, &acked).await;
 }
 
@@ -307,16 +239,16 @@ async fn sigterm_under_load_drains_and_exits_0_then_restart_keeps_everything() {
 async fn sigkill_in_durable_mode_loses_no_acknowledged_record() {
     let s = setup().await;
     let port = free_port();
-    let mut server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let mut server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     let load = Load::start(port, 2, 20, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(3)).await;
     server.signal("KILL");
-    server.wait_exit(Duration::from_secs(10));
+    server.wait_exit(Duration::from_secs(10)).await;
     let (acked, _) = load.finish().await;
     assert!(acked.len() > 100);
     drop(server);
 
-    let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     assert_nothing_lost(&server, &s.url, &acked).await;
 }
 
@@ -324,13 +256,13 @@ async fn sigkill_in_durable_mode_loses_no_acknowledged_record() {
 async fn a_torn_spool_tail_after_a_kill_is_truncated_counted_and_the_rest_replayed() {
     let s = setup().await;
     let port = free_port();
-    let mut server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let mut server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     // With the database down everything acknowledged is in the spool.
     blocking(&s.cluster, PgCluster::stop).await;
     let load = Load::start(port, 1, 10, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.signal("KILL");
-    server.wait_exit(Duration::from_secs(10));
+    server.wait_exit(Duration::from_secs(10)).await;
     let (acked, _) = load.finish().await;
     assert!(acked.len() > 100);
     drop(server);
@@ -347,12 +279,85 @@ async fn a_torn_spool_tail_after_a_kill_is_truncated_counted_and_the_rest_replay
     fs::OpenOptions::new().write(true).open(last).expect("open segment").set_len(len - 5).expect("truncate");
 
     blocking(&s.cluster, PgCluster::restart).await;
-    let server = Server::start(port, &s.url, &s.spool, s.work.path(), "durable");
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     let (_, body) = server.readyz().await;
     let pipeline = &body["pipeline"];
     assert_eq!(pipeline["spool_corrupt_records"], 1, "the torn frame is counted: {pipeline}");
     assert!(pipeline["spool_corrupt_bytes"].as_u64() > Some(0));
     let missing = assert_all_stored(&s.url, &acked, 1).await;
     assert!(missing.len() <= 1, "at most the torn record is lost, and it is counted");
-    assert!(server.log_tail().contains("corrupt spool tail"), "the truncation is logged");
+    assert!(server.log_text().contains("corrupt spool frames"), "the truncation is logged");
+}
+
+/// Regression (issue: `serve` exited when the database was unreachable at start-up): a
+/// restart during an outage comes up anyway, acknowledges durably into the spool, and
+/// migrates and drains once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_started_while_the_database_is_down_comes_up_spools_then_migrates_and_drains() {
+    let s = setup().await;
+    // The database exists but was never migrated, and the cluster is down.
+    blocking(&s.cluster, PgCluster::stop).await;
+    let port = free_port();
+    let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
+    let (status, body) = server.readyz().await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("degraded")), "{body}");
+
+    let load = Load::start(port, 2, 10, Duration::from_millis(25));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let spooled = server.readyz().await.1["pipeline"]["spool_records"].as_u64().unwrap_or_default();
+    assert!(spooled > 100, "acknowledged records wait in the spool: {spooled}");
+    blocking(&s.cluster, PgCluster::restart).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, sent) = load.finish().await;
+    assert!(acked.len() > 500, "acknowledged through the outage: {} of {sent}", acked.len());
+
+    assert_all_stored(&s.url, &acked, 0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = server.readyz().await;
+        if status == 200 && body["status"] == "ready" {
+            assert_eq!(dropped_total(&body["pipeline"]), 0, "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready 30 s after the database returned: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = server.log_text();
+    assert!(log.contains("database not ready at start-up"), "the wait is logged:\n{log}");
+    assert!(log.contains("database ready"), "the recovery is logged:\n{log}");
+}
+
+/// Without a spool there is nowhere safe for records while the database is away: the
+/// service still starts, says it is not ready, refuses records with 503 (the producer
+/// keeps them), and takes them once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_spool_started_while_the_database_is_down_refuses_until_it_answers() {
+    let s = setup().await;
+    blocking(&s.cluster, PgCluster::stop).await;
+    let server = ServerBuilder::new(s.work.path(), &s.url)
+        .env("AUDIT_SPOOL_ENABLED", "false")
+        .env("AUDIT_ASYNC_BATCH_INTERVAL_MS", "50")
+        .start()
+        .await;
+    let (status, body) = server.readyz().await;
+    assert_eq!((status, body["status"].as_str()), (503, Some("database_unavailable")), "{body}");
+    let client = reqwest::Client::new();
+    let record = json!({"interaction_id": Uuid::now_v7(), "question": "is the database back?"});
+    let response = client.post(server.url("/api/v1/interactions")).json(&record).send().await.expect("post");
+    assert_eq!(response.status().as_u16(), 503);
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["error"]["code"], "database_unavailable", "{answer}");
+
+    blocking(&s.cluster, PgCluster::restart).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = client.post(server.url("/api/v1/interactions")).json(&record).send().await.expect("post");
+        if response.status().as_u16() == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused 30 s after the database returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id: Uuid = record["interaction_id"].as_str().expect("id").parse().expect("uuid");
+    assert_all_stored(&s.url, &BTreeSet::from([id]), 0).await;
 }

@@ -5,15 +5,14 @@
 //! Every child process runs in a temporary working directory with no `AUDIT_…` variable
 //! inherited, and is killed if the test fails ([`ChildGuard`]).
 
-mod common;
-
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use crate::common::server::{bin, Server, ServerBuilder};
+use crate::common::{free_port, TestDb};
 use opsagent_audit::config::Config;
 use opsagent_audit::store;
 use serde_json::{json, Value};
@@ -48,18 +47,6 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// The binary, run in `dir`, with a clean `AUDIT_…` environment.
-fn bin(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_opsagent-audit"));
-    c.current_dir(dir).env("RUST_LOG", "warn").stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("AUDIT_") {
-            c.env_remove(name);
-        }
-    }
-    c
 }
 
 /// What a finished command did.
@@ -98,10 +85,6 @@ fn config_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("a.db").display())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
 }
 
 /// Runs `migrate` with the given config file and environment; asserts a configuration
@@ -256,7 +239,10 @@ fn migrate_without_a_reachable_database_fails() {
     let ran =
         run(bin(dir.path()).args(["--database-url", &format!("postgres://postgres@127.0.0.1:{closed}/x"), "migrate"]));
     assert_eq!(ran.code, Some(1), "{ran:?}");
-    assert!(ran.stderr.contains("error"), "{ran:?}");
+    // Regression: the error chain was printed three times, its cause hidden behind
+    // "pool timed out".
+    assert_eq!(ran.stderr.matches("error:").count(), 1, "one error line: {ran:?}");
+    assert_eq!(ran.stderr.matches("Connection refused").count(), 1, "the cause, once: {ran:?}");
     let ran = run(bin(dir.path()).args(["--database-url", "mysql://localhost/x", "migrate"]));
     assert_eq!(ran.code, Some(1), "{ran:?}");
     assert!(ran.stderr.contains("mysql://"), "{ran:?}");
@@ -278,89 +264,6 @@ fn show_of_an_unknown_id_fails_with_a_message() {
 // ---------------------------------------------------------------------------------------
 // `serve` end to end.
 // ---------------------------------------------------------------------------------------
-
-/// `serve`, running, with its output in a log file.
-struct Server {
-    child: ChildGuard,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `serve` on a free loopback port and waits (30 s at most) until `/healthz` answers.
-    async fn start(dir: &Path, db_url: &str, env: &[(&str, &str)]) -> Server {
-        Self::start_on(dir, db_url, "127.0.0.1", &[], env).await
-    }
-
-    async fn start_on(dir: &Path, db_url: &str, host: &str, flags: &[&str], env: &[(&str, &str)]) -> Server {
-        let port = free_port();
-        let log = dir.join(format!("serve-{port}.log"));
-        let out = File::create(&log).expect("server log");
-        let child = bin(dir)
-            .args(["--database-url", db_url, "serve", "--listen", &format!("{host}:{port}")])
-            .args(flags)
-            .env("RUST_LOG", "info")
-            .env("AUDIT_SPOOL_DIR", dir.join("spool"))
-            .envs(env.iter().copied())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start serve");
-        let mut server = Server { child: ChildGuard(child), port, log };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let health = client.get(server.url("/healthz")).timeout(Duration::from_secs(2)).send().await;
-            if health.is_ok_and(|r| r.status() == 200) {
-                return server;
-            }
-            if let Some(status) = server.child.0.try_wait().expect("poll serve") {
-                panic!("serve exited at start-up with {status}:\n{}", server.log_text());
-            }
-            assert!(Instant::now() < deadline, "serve did not answer /healthz within 30 s:\n{}", server.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// The server's log, without terminal colour codes.
-    fn log_text(&self) -> String {
-        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let mut text = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                // ESC [ parameters final-byte
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                text.push(c);
-            }
-        }
-        text
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit.
-    async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let pid = self.child.0.id().to_string();
-        let kill = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-        assert!(kill.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.0.try_wait().expect("poll serve") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within {timeout:?} of SIGTERM:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 /// Records with thoughts and tool calls, each with a fresh UUID.
 fn records(n: usize) -> Vec<Value> {
@@ -421,7 +324,9 @@ async fn stored(db_url: &str) -> u64 {
 
 /// `serve`, 50 records, SIGTERM at once: exit 0 and every record in the database.
 async fn serve_then_sigterm_keeps_every_record(dir: &Path, db_url: &str, ack: &str) {
-    let mut server = Server::start(dir, db_url, &[("AUDIT_ASYNC_ACK", ack)]).await;
+    let mut server = ServerBuilder::new(dir, db_url).env("AUDIT_ASYNC_ACK", ack).start().await;
+    // Regression: logs carried colour codes when stderr was a file.
+    assert!(!server.log_text().contains('\u{1b}'), "no terminal escapes in a log file:\n{}", server.log_text());
     let sent = records(50);
     post_all(&server, &sent).await;
     // Stop at once: records still queued (batch interval 200 ms) must be written, not lost.
@@ -447,7 +352,7 @@ async fn serve_on_postgres_then_sigterm_keeps_every_record() {
 /// Durable acknowledgements (the default): a `202` means the record is in the spool.
 /// SIGTERM exits 0; what shutdown left in the spool is written by the next start.
 async fn durable_serve_then_sigterm_then_restart_keeps_every_record(dir: &Path, db_url: &str) {
-    let mut server = Server::start(dir, db_url, &[]).await;
+    let mut server = ServerBuilder::new(dir, db_url).start().await;
     let sent = records(50);
     post_all(&server, &sent).await;
     let status = server.terminate(Duration::from_secs(25)).await;
@@ -457,7 +362,7 @@ async fn durable_serve_then_sigterm_then_restart_keeps_every_record(dir: &Path, 
     assert!(server.log_text().contains("dropped=0"), "nothing dropped at shutdown:\n{}", server.log_text());
 
     // The next start replays the spool; then a second SIGTERM.
-    let mut server = Server::start(dir, db_url, &[]).await;
+    let mut server = ServerBuilder::new(dir, db_url).start().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let n = stored(db_url).await;
@@ -494,8 +399,11 @@ async fn durable_serve_on_postgres_then_sigterm_then_restart_keeps_every_record(
 async fn durable_serve_then_sigterm_writes_every_record_before_exit() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = sqlite_url(dir.path());
-    let mut server =
-        Server::start(dir.path(), &db, &[("AUDIT_ASYNC_ACK", "durable"), ("AUDIT_ASYNC_WORKERS", "1")]).await;
+    let mut server = ServerBuilder::new(dir.path(), &db)
+        .env("AUDIT_ASYNC_ACK", "durable")
+        .env("AUDIT_ASYNC_WORKERS", "1")
+        .start()
+        .await;
     for _ in 0..4 {
         post_all(&server, &records(500)).await;
     }
@@ -508,7 +416,7 @@ async fn durable_serve_then_sigterm_writes_every_record_before_exit() {
 async fn serve_with_insecure_listens_beyond_loopback() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = sqlite_url(dir.path());
-    let mut server = Server::start_on(dir.path(), &db, "0.0.0.0", &["--insecure"], &[]).await;
+    let mut server = ServerBuilder::new(dir.path(), &db).host("0.0.0.0").flag("--insecure").start().await;
     let ready = reqwest::Client::new().get(server.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 200, "serve migrated the database at start-up");
     let status = server.terminate(Duration::from_secs(25)).await;

@@ -63,8 +63,21 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Lowest and highest port tried for a cluster: below the kernel's ephemeral range
+/// (32768–60999 here), so no outgoing connection can take the port while the cluster is
+/// stopped mid-test and make its restart fail.
+const CLUSTER_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback port below the ephemeral range.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
+    use rand::Rng;
+    for _ in 0..200 {
+        let port = rand::rng().random_range(CLUSTER_PORTS);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {CLUSTER_PORTS:?}")
 }
 
 impl PgCluster {

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::common::wait_until;
 use opsagent_audit::config::{FullPolicy, SpoolConfig};
 use opsagent_audit::model::Interaction;
-use opsagent_audit::pipeline::{Batch, Origin, Spool, SpoolError};
+use opsagent_audit::pipeline::{Spool, SpoolError, SpoolRef, Spooled};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -32,32 +33,21 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Reads `n` records back (bounded in time) and returns them with their segments.
-async fn read_n(rx: &mut mpsc::Receiver<Batch>, n: usize) -> Vec<(Interaction, u64)> {
+async fn read_n(rx: &mut mpsc::Receiver<Vec<Spooled>>, n: usize) -> Vec<(Interaction, SpoolRef)> {
     let mut out = Vec::new();
     while out.len() < n {
         let batch = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} spooled records read back within 10 s", out.len()))
             .expect("reader running");
-        for e in batch.envelopes {
-            let Origin::Spool(r) = e.origin else { panic!("spool batch with a memory record") };
-            out.push((e.record, r.segment));
-        }
+        out.extend(batch.into_iter().map(|s| (s.record, s.at)));
     }
     out
 }
 
-fn ack_all(spool: &Spool, read: &[(Interaction, u64)]) {
-    for (_, segment) in read {
-        spool.ack(*segment, 1);
-    }
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+fn settle_all(spool: &Spool, read: &[(Interaction, SpoolRef)]) {
+    for (_, at) in read {
+        spool.settle(*at, 1);
     }
 }
 
@@ -80,8 +70,8 @@ async fn records_come_back_in_order_and_settled_segments_are_deleted() {
 
     // Nothing is deleted before it is acknowledged.
     assert!(!segments(dir.path()).is_empty());
-    ack_all(&spool, &read);
-    wait_until("every segment deleted", || segments(dir.path()).is_empty()).await;
+    settle_all(&spool, &read);
+    wait_until("every segment deleted", Duration::from_secs(10), || segments(dir.path()).is_empty()).await;
     assert!(spool.is_empty());
     assert_eq!(spool.stats().records.load(Ordering::Relaxed), 0);
     spool.close().await;
@@ -99,7 +89,7 @@ async fn unacknowledged_records_are_replayed_after_reopening() {
         // Read some and acknowledge only the first 20, then stop.
         let mut rx = spool.start_reader(10);
         let read = read_n(&mut rx, 30).await;
-        ack_all(&spool, &read[..20]);
+        settle_all(&spool, &read[..20]);
         spool.close().await;
     }
     let spool = Spool::open(&config(dir.path()), 1000).unwrap();
@@ -281,7 +271,7 @@ async fn full_with_block_waits_for_room_then_takes_the_record() {
     let mut seen = Vec::new();
     while seen.len() < sent.len() {
         let read = read_n(&mut rx, 1).await;
-        ack_all(&spool, &read);
+        settle_all(&spool, &read);
         seen.extend(read.into_iter().map(|(r, _)| r.interaction_id));
     }
     appender.await.unwrap();

@@ -4,19 +4,17 @@
 //! [`GatedStore`] wraps the real store: it delays or fails `write_batch` before passing
 //! it through, and never pretends to have stored anything.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{wait_until, TestDb};
 use async_trait::async_trait;
-use common::TestDb;
 use opsagent_audit::config::{AsyncConfig, LimitsConfig, SpoolConfig};
 use opsagent_audit::model::Interaction;
 use opsagent_audit::pipeline::{AuditLogger, DropReason, Durable, Outcome, Spool};
-use opsagent_audit::store::{Backend, DeadLetter, Readiness, Store, StoreError, WriteSummary};
+use opsagent_audit::store::{BatchSink, DeadLetter, Store, StoreError, WriteSummary};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -30,17 +28,9 @@ struct GatedStore {
     attempts: AtomicUsize,
 }
 
+/// The pipeline sees only the two write operations; reads go to `inner` directly.
 #[async_trait]
-impl Store for GatedStore {
-    fn backend(&self) -> Backend {
-        self.inner.backend()
-    }
-    async fn migrate(&self) -> Result<(), StoreError> {
-        self.inner.migrate().await
-    }
-    async fn readiness(&self) -> Result<Readiness, StoreError> {
-        self.inner.readiness().await
-    }
+impl BatchSink for GatedStore {
     async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -48,24 +38,12 @@ impl Store for GatedStore {
         let _ = open.wait_for(|o| *o).await;
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            return Err(StoreError::unavailable("gate closed: simulated outage"));
         }
         self.inner.write_batch(batch).await
     }
-    async fn get_interaction(&self, id: Uuid) -> Result<Interaction, StoreError> {
-        self.inner.get_interaction(id).await
-    }
-    async fn count_interactions(&self) -> Result<u64, StoreError> {
-        self.inner.count_interactions().await
-    }
     async fn write_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         self.inner.write_dead_letters(letters).await
-    }
-    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
-        self.inner.list_dead_letters(limit).await
-    }
-    async fn close(&self) {
-        self.inner.close().await
     }
 }
 
@@ -89,14 +67,6 @@ fn config(workers: usize, queue_size: usize, batch_size: usize, batch_interval_m
     AsyncConfig { workers, queue_size, batch_size, batch_interval_ms, ..AsyncConfig::default() }
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 async fn stored_ids(store: &dyn Store, candidates: &[Uuid]) -> BTreeSet<Uuid> {
     let mut found = BTreeSet::new();
     for id in candidates {
@@ -117,7 +87,10 @@ async fn a_full_queue_drops_the_oldest_and_counts_it(db: &TestDb) {
     for r in batch.by_ref().take(5) {
         log.log(r);
     }
-    wait_until("the writer to hold the first batch", || store.waiting.load(Ordering::SeqCst) == 1).await;
+    wait_until("the writer to hold the first batch", Duration::from_secs(20), || {
+        store.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
     // 25 more into a queue of 10: the 15 oldest of them are dropped.
     for r in batch {
         log.log(r);
@@ -131,7 +104,7 @@ async fn a_full_queue_drops_the_oldest_and_counts_it(db: &TestDb) {
     assert!(report.drained);
     assert_eq!(report.stats.committed, 15);
     let expected: BTreeSet<Uuid> = ids[..5].iter().chain(&ids[20..]).copied().collect();
-    assert_eq!(stored_ids(&*store, &ids).await, expected, "the first batch and the newest 10 survive");
+    assert_eq!(stored_ids(&*store.inner, &ids).await, expected, "the first batch and the newest 10 survive");
 }
 
 async fn a_full_batch_is_written_without_waiting_for_the_interval(db: &TestDb) {
@@ -140,7 +113,7 @@ async fn a_full_batch_is_written_without_waiting_for_the_interval(db: &TestDb) {
     for r in records(25) {
         log.log(r);
     }
-    common::wait_for_count(&*store, 20).await;
+    crate::common::wait_for_count(&*store, 20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.count_interactions().await.unwrap(), 20, "the partial batch waits for its interval");
     assert_eq!(log.queue_len(), 5);
@@ -155,7 +128,7 @@ async fn a_partial_batch_is_written_after_the_interval(db: &TestDb) {
     for r in records(3) {
         log.log(r);
     }
-    common::wait_for_count(&*store, 3).await;
+    crate::common::wait_for_count(&*store, 3).await;
     assert_eq!(log.stats().snapshot().batches, 1);
     log.shutdown(Duration::from_secs(10)).await;
 }
@@ -179,7 +152,7 @@ async fn shutdown_waits_for_the_batch_in_flight(db: &TestDb) {
     for r in records(15) {
         log.log(r);
     }
-    wait_until("a batch in flight", || store.waiting.load(Ordering::SeqCst) == 1).await;
+    wait_until("a batch in flight", Duration::from_secs(20), || store.waiting.load(Ordering::SeqCst) == 1).await;
     let shutdown = tokio::spawn({
         let log = log.clone();
         async move { log.shutdown(Duration::from_secs(30)).await }
@@ -189,7 +162,7 @@ async fn shutdown_waits_for_the_batch_in_flight(db: &TestDb) {
     gate.send(true).unwrap();
     let report = shutdown.await.unwrap();
     assert!(report.drained);
-    assert_eq!(store.count_interactions().await.unwrap(), 15);
+    assert_eq!(store.inner.count_interactions().await.unwrap(), 15);
 }
 
 async fn transient_failures_are_retried_until_the_write_succeeds(db: &TestDb) {
@@ -199,10 +172,10 @@ async fn transient_failures_are_retried_until_the_write_succeeds(db: &TestDb) {
     for r in records(120) {
         log.log(r);
     }
-    wait_until("three failed attempts", || store.attempts.load(Ordering::SeqCst) >= 3).await;
-    assert_eq!(store.count_interactions().await.unwrap(), 0);
+    wait_until("three failed attempts", Duration::from_secs(20), || store.attempts.load(Ordering::SeqCst) >= 3).await;
+    assert_eq!(store.inner.count_interactions().await.unwrap(), 0);
     store.failing.store(false, Ordering::SeqCst);
-    common::wait_for_count(&*store, 120).await;
+    crate::common::wait_for_count(&*store.inner, 120).await;
     let report = log.shutdown(Duration::from_secs(30)).await;
     assert!(report.stats.retries >= 1 && report.stats.write_errors >= 3, "{:?}", report.stats);
     assert_eq!((report.stats.committed, report.stats.dropped_total()), (120, 0));
@@ -219,7 +192,7 @@ async fn records_left_at_the_shutdown_deadline_are_counted_not_lost_silently(db:
     assert!(!report.drained);
     assert_eq!(report.abandoned, 35);
     assert_eq!(report.stats.dropped_shutdown, 35);
-    assert_eq!(store.count_interactions().await.unwrap(), 0);
+    assert_eq!(store.inner.count_interactions().await.unwrap(), 0);
 }
 
 async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
@@ -233,11 +206,11 @@ async fn records_after_shutdown_are_refused_and_counted(db: &TestDb) {
     assert_eq!(store.count_interactions().await.unwrap(), 0);
 }
 
-/// A logger over `store` with a spool in `dir`.
-fn spooled_logger(store: Arc<dyn Store>, config: &AsyncConfig, dir: &std::path::Path) -> AuditLogger {
+/// A logger over `sink` with a spool in `dir`.
+fn spooled_logger(sink: Arc<dyn BatchSink>, config: &AsyncConfig, dir: &std::path::Path) -> AuditLogger {
     let spool =
         Spool::open(&SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }, 10_000).expect("open spool");
-    AuditLogger::start_with_spool(store, config, &LimitsConfig::default(), Some(spool))
+    AuditLogger::start_with_spool(sink, config, &LimitsConfig::default(), Some(spool))
 }
 
 async fn while_the_database_is_down_records_go_to_the_spool_and_drain_on_recovery(db: &TestDb) {
@@ -251,19 +224,22 @@ async fn while_the_database_is_down_records_go_to_the_spool_and_drain_on_recover
         log.log(r);
     }
     // Memory does not hold the backlog: it all goes to disk.
-    wait_until("the backlog to be on disk", || log.snapshot().spool_records == 500 && log.queue_len() == 0).await;
+    wait_until("the backlog to be on disk", Duration::from_secs(20), || {
+        log.snapshot().spool_records == 500 && log.queue_len() == 0
+    })
+    .await;
     assert!(log.database_down().is_some(), "the outage is visible");
     assert_eq!(log.snapshot().dropped_total(), 0);
 
     store.failing.store(false, Ordering::SeqCst);
-    common::wait_for_count(&*store, 500).await;
-    wait_until("the spool to settle", || log.snapshot().spool_records == 0).await;
+    crate::common::wait_for_count(&*store.inner, 500).await;
+    wait_until("the spool to settle", Duration::from_secs(20), || log.snapshot().spool_records == 0).await;
     assert!(log.database_down().is_none(), "recovery is visible");
     let report = log.shutdown(Duration::from_secs(30)).await;
     assert_eq!(report.stats.committed, 500);
     assert_eq!(report.stats.dropped_total(), 0);
     assert!(report.stats.retries > 0 || report.stats.write_errors > 0);
-    assert_eq!(stored_ids(&*store, &ids).await.len(), 500);
+    assert_eq!(stored_ids(&*store.inner, &ids).await.len(), 500);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -285,11 +261,11 @@ async fn shutdown_spools_what_it_cannot_write_and_the_next_start_replays_it(db: 
     let report = log.shutdown(Duration::from_millis(500)).await;
     assert_eq!(report.stats.dropped_total(), 0, "nothing is dropped when there is a spool");
     assert_eq!(report.stats.spool_records, 300, "everything unwritten is on disk");
-    assert_eq!(store.count_interactions().await.unwrap(), 0);
+    assert_eq!(store.inner.count_interactions().await.unwrap(), 0);
 
     // Next start, database back: the spool is replayed.
     let log = spooled_logger(db.store().await, &config(2, 1000, 100, 20), dir.path());
-    common::wait_for_count(&*store, 300).await;
+    crate::common::wait_for_count(&*store.inner, 300).await;
     let report = log.shutdown(Duration::from_secs(30)).await;
     assert_eq!((report.stats.replayed, report.stats.committed), (300, 300));
     assert_eq!(report.stats.spool_records, 0);
@@ -303,7 +279,7 @@ async fn durable_logging_resolves_once_on_disk_even_with_the_database_down(db: &
     let acks = futures::future::join_all(records(100).into_iter().map(|r| log.log_durable(r))).await;
     assert!(acks.iter().all(|a| *a == Ok(Durable::Spooled)), "{acks:?}");
     store.failing.store(false, Ordering::SeqCst);
-    common::wait_for_count(&*store, 100).await;
+    crate::common::wait_for_count(&*store.inner, 100).await;
     log.shutdown(Duration::from_secs(30)).await;
 }
 
@@ -321,12 +297,31 @@ async fn a_full_queue_overflows_to_the_spool_instead_of_dropping(db: &TestDb) {
     assert!(stats.spilled >= 180, "the overflow went to disk: {stats:?}");
     assert!(log.queue_len() <= 10, "memory stays bounded");
     gate.send(true).unwrap();
-    common::wait_for_count(&*store, 200).await;
+    crate::common::wait_for_count(&*store.inner, 200).await;
     log.shutdown(Duration::from_secs(30)).await;
-    assert_eq!(stored_ids(&*store, &ids).await.len(), 200);
+    assert_eq!(stored_ids(&*store.inner, &ids).await.len(), 200);
+}
+
+/// Regression: a record that could not be spooled while the database was down was
+/// counted as `shutdown`; it is `database_down` now, and the producer is told why.
+async fn a_record_the_spool_refuses_while_the_database_is_down_is_counted_as_such(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let log = spooled_logger(store.clone(), &config(1, 1000, 10, 10), dir.path());
+    log.log(Interaction::new("first, to find the database down"));
+    wait_until("the outage to be noticed", Duration::from_secs(20), || log.database_down().is_some()).await;
+    // The spool goes away (as when it is closed under the pipeline).
+    log.spool().expect("spool").close().await;
+    let outcome = log.log_committed(Interaction::new("nowhere to go")).await;
+    assert!(matches!(&outcome, Outcome::Dropped(DropReason::DatabaseDown, d) if d.contains("spool")), "{outcome:?}");
+    let stats = log.snapshot();
+    assert_eq!((stats.dropped_database_down, stats.dropped_shutdown, stats.dropped_closed), (1, 0, 0), "{stats:?}");
+    log.shutdown(Duration::from_secs(5)).await;
 }
 
 both_backends!(
+    a_record_the_spool_refuses_while_the_database_is_down_is_counted_as_such,
     a_full_queue_drops_the_oldest_and_counts_it,
     a_full_batch_is_written_without_waiting_for_the_interval,
     a_partial_batch_is_written_after_the_interval,

@@ -5,12 +5,10 @@
 //! Tests that store records run on both backends (`both_backends!`); tests that only
 //! exercise validation and framing run on SQLite.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{spawn_app, spawn_app_with, spawn_router, TestApp, TestDb};
 use chrono::{DateTime, Utc};
-use common::{spawn_app, spawn_app_with, spawn_router, TestApp, TestDb};
 use opsagent_audit::config::{AckMode, Config, LimitsConfig};
 use opsagent_audit::model::{Status, TRUNCATION_MARKER};
 use opsagent_audit::pipeline::AuditLogger;
@@ -416,7 +414,7 @@ async fn nul_bytes_and_invalid_utf8_are_replaced_not_refused(db: &TestDb) {
 }
 
 async fn oversized_fields_are_truncated_with_a_marker(db: &TestDb) {
-    let mut config = common::fast_config();
+    let mut config = crate::common::fast_config();
     config.limits.max_field_bytes = 100;
     let app = spawn_app_with(db, config).await;
     let mut sent = minimal("short question");
@@ -437,7 +435,7 @@ async fn oversized_fields_are_truncated_with_a_marker(db: &TestDb) {
 }
 
 async fn queued_acknowledgement_mode_also_stores_everything(db: &TestDb) {
-    let mut config = common::fast_config();
+    let mut config = crate::common::fast_config();
     config.pipeline.ack = AckMode::Queued;
     let app = spawn_app_with(db, config).await;
     let body: Vec<Value> = (0..50).map(|i| minimal(&format!("q{i}"))).collect();
@@ -458,7 +456,7 @@ async fn queued_acknowledgement_mode_also_stores_everything(db: &TestDb) {
 async fn readiness_follows_migrations(db: &TestDb) {
     // A database without the schema is not ready.
     let store = store::connect(&db.url, &Config::default().database).await.expect("open the store unmigrated");
-    let config = common::fast_config();
+    let config = crate::common::fast_config();
     let logger = AuditLogger::start(store.clone(), &config.pipeline, &config.limits);
     let app = spawn_router(store.clone(), logger, config).await;
     let (status, body) = get(&app, "/healthz").await;
@@ -611,7 +609,7 @@ async fn a_request_whose_every_record_is_bad_is_422_with_results() {
 #[tokio::test]
 async fn body_and_record_count_limits() {
     let db = TestDb::sqlite();
-    let mut config = common::fast_config();
+    let mut config = crate::common::fast_config();
     config.limits = LimitsConfig { max_body_bytes: 4096, max_records_per_request: 3, ..LimitsConfig::default() };
     let app = spawn_app_with(&db, config).await;
 
@@ -650,7 +648,7 @@ async fn body_and_record_count_limits() {
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_is_refused_while_reading() {
     let db = TestDb::sqlite();
-    let mut config = common::fast_config();
+    let mut config = crate::common::fast_config();
     config.limits.max_body_bytes = 4096;
     let app = spawn_app_with(&db, config).await;
     let head = "POST /api/v1/interactions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
@@ -744,7 +742,7 @@ async fn a_malformed_chunked_encoding_is_a_400_json_error() {
 #[tokio::test]
 async fn disabled_auditing_answers_503() {
     let db = TestDb::sqlite();
-    let app = spawn_app_with(&db, Config { enabled: false, ..common::fast_config() }).await;
+    let app = spawn_app_with(&db, Config { enabled: false, ..crate::common::fast_config() }).await;
     assert_error(&post_json(&app, &minimal("q")).await, 503, "audit_disabled", None);
     let answer = post(&app, Some("application/x-ndjson"), format!("{}\n", minimal("q"))).await;
     assert_error(&answer, 503, "audit_disabled", None);

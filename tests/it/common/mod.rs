@@ -1,21 +1,40 @@
-//! Test helpers: a fresh PostgreSQL database per test (as `sqlx::test` does), SQLite temp
-//! files, and `spawn_app` starting the real HTTP server on a free loopback port.
+//! Test helpers, in one place: a fresh PostgreSQL database per test (as `sqlx::test`
+//! does), SQLite temp files, `spawn_app` starting the service the way `serve` does
+//! ([`Application::build`]) on a free loopback port, the real binary as a child process
+//! ([`server`]), private PostgreSQL clusters for fault tests ([`pg_cluster`]), free ports
+//! and bounded waiting.
 //!
 //! PostgreSQL comes from `AUDIT_TEST_DATABASE_URL` when set, else the machine's server on
 //! 127.0.0.1:5432. If none answers, the test fails with what to start; it never skips.
 #![allow(dead_code)]
 
 pub mod pg_cluster;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use opsagent_audit::api::{router, AppState};
+use opsagent_audit::api::{router, AppState, Application};
 use opsagent_audit::config::{AsyncConfig, Config, LimitsConfig};
-use opsagent_audit::pipeline::{AuditLogger, Spool};
+use opsagent_audit::pipeline::{AuditLogger, ShutdownReport};
 use opsagent_audit::store::{self, Store};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
+use tokio_util::sync::CancellationToken;
+
+/// A free loopback port, from the kernel (bind to port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
+}
+
+/// Waits until `check` holds, polling; panics naming `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 /// The server tests connect to for PostgreSQL (administrative database).
 pub fn postgres_admin_url() -> String {
@@ -103,7 +122,7 @@ impl Drop for TestDb {
     }
 }
 
-/// A running server on a free loopback port.
+/// A running service on a free loopback port, started as `serve` starts it.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub address: String,
@@ -113,7 +132,8 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     /// An HTTP client.
     pub client: reqwest::Client,
-    server: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<Option<ShutdownReport>>,
     _spool_dir: Option<tempfile::TempDir>,
 }
 
@@ -128,10 +148,10 @@ impl TestApp {
         wait_for_count(&*self.store, n).await
     }
 
-    /// Stops the server and drains the pipeline.
-    pub async fn stop(self) {
-        self.server.abort();
-        self.logger.shutdown(Duration::from_secs(30)).await;
+    /// Stops the server as SIGTERM would: drains the pipeline, closes the store.
+    pub async fn stop(self) -> Option<ShutdownReport> {
+        self.stop.cancel();
+        self.server.await.expect("server task")
     }
 }
 
@@ -149,40 +169,41 @@ pub async fn wait_for_count(store: &dyn Store, n: u64) {
     }
 }
 
-/// Starts the real router on 127.0.0.1:0 over `db` (migrated), with `config`.
-/// With `spool.enabled` (the default), the spool lives in a temporary directory owned by
-/// the returned app.
+/// Starts the service over `db` with `config` through [`Application::build`], as
+/// `serve` does (it migrates the database). With `spool.enabled` (the default), the
+/// spool lives in a temporary directory owned by the returned app.
 pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
     config.database.url = Some(db.url.clone());
-    let store = db.store().await;
+    config.server.listen = "127.0.0.1:0".parse().expect("loopback address");
     let mut spool_dir = None;
-    let logger = if config.enabled {
-        let spool = if config.spool.enabled {
-            let dir = tempfile::tempdir().expect("spool temp dir");
-            config.spool.dir = dir.path().to_path_buf();
-            spool_dir = Some(dir);
-            Some(Spool::open(&config.spool, config.pipeline.queue_size).expect("open spool"))
-        } else {
-            None
-        };
-        AuditLogger::start_with_spool(store.clone(), &config.pipeline, &config.limits, spool)
-    } else {
-        AuditLogger::disabled()
-    };
-    let mut app = spawn_router(store, logger, config).await;
-    app._spool_dir = spool_dir;
-    app
+    if config.spool.enabled {
+        let dir = tempfile::tempdir().expect("spool temp dir");
+        config.spool.dir = dir.path().to_path_buf();
+        spool_dir = Some(dir);
+    }
+    let app = Application::build(config, false).await.expect("build the application");
+    let address = format!("http://{}", app.local_addr());
+    let (logger, store) = (app.logger(), app.store());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until(stop.clone().cancelled_owned()));
+    let server = tokio::spawn(async move { server.await.expect("server task").ok() });
+    TestApp { address, logger, store, client: reqwest::Client::new(), stop, server, _spool_dir: spool_dir }
 }
 
-/// Starts the router over an already opened store and logger.
+/// Serves the router over an already opened store and logger (for tests that need a
+/// store in a state `Application::build` would change, e.g. unmigrated).
 pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Config) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
     let state = AppState { logger: logger.clone(), store: store.clone(), config: Arc::new(config) };
+    let stop = CancellationToken::new();
+    let signal = stop.clone().cancelled_owned();
+    let shutdown_logger = logger.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, router(state)).await.expect("serve");
+        axum::serve(listener, router(state)).with_graceful_shutdown(signal).await.expect("serve");
+        Some(shutdown_logger.shutdown(Duration::from_secs(30)).await)
     });
-    TestApp { address, logger, store, client: reqwest::Client::new(), server, _spool_dir: None }
+    TestApp { address, logger, store, client: reqwest::Client::new(), stop, server, _spool_dir: None }
 }
 
 /// Starts the server with test-friendly pipeline settings (short batch interval).

@@ -1,0 +1,238 @@
+//! The application: configuration in, a listening server out. `serve` and the tests
+//! start the service the same way, through [`Application::build`] and
+//! [`Application::run_until`].
+//!
+//! Start-up never depends on the database (SPEC: operations). The listener is bound and
+//! the pipeline started whether or not the database answers; a start-up task connects,
+//! applies migrations (`audit.database.migrate_on_start`) or waits for someone to run
+//! `migrate`, retrying with backoff, and only then lets the writers at the database.
+//! Until then records are acknowledged into the spool and `/readyz` says `degraded`;
+//! without a spool the service is not ready and ingest answers `503`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{router, AppState};
+use crate::config::{redact_url, Config, ConfigError};
+use crate::pipeline::{AuditLogger, ShutdownReport, Spool, SpoolError};
+use crate::store::{self, Store, StoreError};
+
+/// How long start-up waits for the database before it starts without it (and keeps
+/// trying in the background).
+const FIRST_ATTEMPT: Duration = Duration::from_secs(2);
+/// First wait between start-up attempts; doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between start-up attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why the application could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Beyond loopback without API tokens and without `--insecure`.
+    #[error(
+        "refusing to listen on {0}: beyond loopback the API must be protected by tokens, which are not configured; \
+         listen on 127.0.0.1 or pass --insecure"
+    )]
+    Unprotected(SocketAddr),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened (not: the database is down, which is waited out).
+    #[error("opening the database")]
+    Store(#[from] StoreError),
+    /// The spool directory could not be opened.
+    #[error("opening the spool")]
+    Spool(#[from] SpoolError),
+    /// The listen address could not be bound.
+    #[error("binding {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Serving HTTP failed.
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A built service: bound, pipeline running, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    startup: JoinHandle<()>,
+    stop_startup: CancellationToken,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("address", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Opens the store and the spool, starts the pipeline, binds the listener. Returns
+    /// without waiting for the database when it does not answer at once.
+    pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
+        let listen = config.server.listen;
+        if !listen.ip().is_loopback() && !insecure {
+            return Err(AppError::Unprotected(listen));
+        }
+        let url = config.database.resolved_url()?;
+        let store = store::connect(&url, &config.database).await?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
+        let first = tokio::time::timeout(FIRST_ATTEMPT, prepare_database(&*store, config.database.migrate_on_start))
+            .await
+            .unwrap_or_else(|_| Err(format!("the database did not answer within {FIRST_ATTEMPT:?}")));
+        let logger = start_pipeline(&config, store.clone(), first.as_ref().err()).await?;
+        let stop_startup = CancellationToken::new();
+        let startup = match first {
+            Ok(()) => tokio::spawn(async {}),
+            Err(reason) => {
+                tracing::warn!(
+                    reason = %reason,
+                    spool = logger.has_spool(),
+                    "database not ready at start-up; serving anyway, retrying in the background"
+                );
+                let task = wait_for_database(
+                    store.clone(),
+                    logger.clone(),
+                    config.database.migrate_on_start,
+                    stop_startup.clone(),
+                );
+                tokio::spawn(task)
+            }
+        };
+        tracing::info!(
+            address = %listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?,
+            database = %redact_url(&url),
+            "opsagent-audit listening"
+        );
+        let state = AppState { logger, store, config: Arc::new(config) };
+        Ok(Application { listener, state, startup, stop_startup })
+    }
+
+    /// The address the server listens on (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.state.config.server.listen)
+    }
+
+    /// The pipeline records go through.
+    pub fn logger(&self) -> AuditLogger {
+        self.state.logger.clone()
+    }
+
+    /// The store reads come from.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting requests, drains the
+    /// pipeline (within `audit.async.shutdown_timeout`) and closes the store.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<ShutdownReport, AppError> {
+        let Application { listener, state, startup, stop_startup } = self;
+        let (logger, store) = (state.logger.clone(), state.store.clone());
+        let shutdown_timeout = state.config.pipeline.shutdown_timeout;
+        let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+        tracing::info!("stopped accepting requests; draining the audit pipeline");
+        stop_startup.cancel();
+        let _ = startup.await;
+        let report = logger.shutdown(shutdown_timeout).await;
+        store.close().await;
+        if !report.drained {
+            tracing::error!(
+                abandoned = report.abandoned,
+                spooled = report.stats.spool_records,
+                "shutdown could not write every record before its deadline; spooled records are replayed at the next start"
+            );
+        }
+        served.map_err(AppError::Serve)?;
+        Ok(report)
+    }
+}
+
+/// Opens the spool (if configured) and starts the pipeline, waiting for the database
+/// when `not_ready` says why it is not ready.
+async fn start_pipeline(
+    config: &Config,
+    store: Arc<dyn Store>,
+    not_ready: Option<&String>,
+) -> Result<AuditLogger, AppError> {
+    if !config.enabled {
+        tracing::warn!("audit.enabled is false: the ingest API refuses records");
+        return Ok(AuditLogger::disabled());
+    }
+    let spool = if config.spool.enabled {
+        let (spool_config, pending) = (config.spool.clone(), config.pipeline.queue_size);
+        // Opening checks every segment left by an earlier run: blocking work.
+        let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_config, pending))
+            .await
+            .map_err(|e| SpoolError::io(&config.spool.dir, std::io::Error::other(e)))??;
+        Some(spool)
+    } else {
+        tracing::warn!("audit.spool.enabled is false: records live only in memory until committed");
+        None
+    };
+    Ok(match not_ready {
+        None => AuditLogger::start_with_spool(store, &config.pipeline, &config.limits, spool),
+        Some(reason) => AuditLogger::start_waiting(store, &config.pipeline, &config.limits, spool, reason),
+    })
+}
+
+/// Gets the database ready for writes: migrates it, or (without `migrate`) checks that
+/// every migration is applied. The error says why not, for logs and `/readyz`.
+async fn prepare_database(store: &dyn Store, migrate: bool) -> Result<(), String> {
+    if migrate {
+        return store.migrate().await.map_err(|e| e.to_string());
+    }
+    match store.readiness().await {
+        Ok(r) if r.is_ready() => Ok(()),
+        Ok(r) => Err(format!(
+            "migrations {:?} are not applied and migrate_on_start is off: run `opsagent-audit migrate`",
+            r.pending_migrations
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Retries [`prepare_database`] with backoff and jitter until it succeeds, then lets the
+/// pipeline write. Stops early at shutdown.
+async fn wait_for_database(store: Arc<dyn Store>, logger: AuditLogger, migrate: bool, stop: CancellationToken) {
+    let mut delay = RETRY_FIRST;
+    let mut attempts = 1u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))) => {}
+            _ = stop.cancelled() => return,
+        }
+        attempts += 1;
+        let attempt = tokio::select! {
+            result = prepare_database(&*store, migrate) => result,
+            _ = stop.cancelled() => return,
+        };
+        match attempt {
+            Ok(()) => {
+                tracing::info!(attempts, "database ready: migrations applied; writing what was spooled meanwhile");
+                logger.set_store_ready();
+                return;
+            }
+            Err(reason) => {
+                // Every attempt while the gaps are short, then each long wait: a log line
+                // at most every RETRY_MAX.
+                tracing::warn!(attempts, retry_in = ?delay, reason = %reason, "database still not ready");
+                logger.store_not_ready(&reason);
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}

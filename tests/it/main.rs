@@ -1,0 +1,14 @@
+//! The integration suite, one test binary (so the helpers in `common` compile once):
+//! real PostgreSQL (a fresh database per test) and SQLite files, the real HTTP server on
+//! loopback, the real binary as a child process, private PostgreSQL clusters for faults.
+
+#[macro_use]
+mod common;
+
+mod cli;
+mod fault;
+mod ingest_http;
+mod pg_cluster;
+mod pipeline;
+mod spool;
+mod store;
