@@ -4,7 +4,7 @@
 //! Rust program) → sanitise → [`pipeline`] (queue, batching writers, spool) → [`store`]
 //! (PostgreSQL or SQLite). Reads go [`api`] → [`store`].
 //!
-//! Dependencies point down only: [`cli`] and [`bench`] → [`api`] → [`ingest`] →
+//! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] → [`ingest`] →
 //! [`pipeline`] → [`store`] → [`model`] and [`config`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -4,7 +4,7 @@
 //! the writers (or found unreadable), `settled` reported back as committed (or
 //! otherwise finished with). The rule this file exists for: a segment leaves the table
 //! for deletion only when it is *done*: sealed (no more appends), every record read,
-//! every record read settled. [`Ledger::take_if_done`] is the one place that decides it;
+//! every record read settled. `Ledger::take_if_done` is the one place that decides it;
 //! every method that can finish a segment returns it for the caller to delete outside
 //! the lock. The only other way out is [`Ledger::evict_oldest`], the `drop_oldest` full
 //! policy, whose records are counted as dropped.

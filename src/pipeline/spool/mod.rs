@@ -25,8 +25,8 @@
 //! `DIR/LOCK` and segment files `DIR/<id as 16 hex digits>.seg`, each the magic
 //! `OASPOOL1` and then frames (length, CRC-32, JSON payload: [`frame`]). Frames are
 //! appended by one thread and fsync'd in groups: every append waiting while one fsync
-//! runs shares the next one (group commit, [`appender`]). The reader never reads past
-//! the last fsync'd byte ([`reader`]).
+//! runs shares the next one (group commit, `appender`). The reader never reads past
+//! the last fsync'd byte (`reader`).
 //!
 //! # Crashes
 //! A crash can leave a torn frame at the end of the segment being written. At start-up
@@ -40,7 +40,7 @@
 //!
 //! # Files
 //! [`frame`] (encoding, pure), [`ledger`] (the segment table), [`recovery`] (lock, scan,
-//! repair), [`appender`] (the writing thread), [`reader`] (the reading task), [`io`] (the
+//! repair), `appender` (the writing thread), `reader` (the reading task), [`io`] (the
 //! filesystem seam tests inject faults through).
 
 use std::collections::VecDeque;
