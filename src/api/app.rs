@@ -94,7 +94,10 @@ impl Application {
         let logger = start_pipeline(&config, store.clone(), first.as_ref().err()).await?;
         let stop_startup = CancellationToken::new();
         let startup = match first {
-            Ok(()) => tokio::spawn(async {}),
+            Ok(()) => {
+                tracing::info!(migrate = config.database.migrate_on_start, "database ready");
+                tokio::spawn(async {})
+            }
             Err(reason) => {
                 tracing::warn!(
                     reason = %reason,
@@ -149,11 +152,16 @@ impl Application {
         let _ = startup.await;
         let report = logger.shutdown(shutdown_timeout).await;
         store.close().await;
-        if !report.drained {
+        if report.abandoned > 0 {
             tracing::error!(
                 abandoned = report.abandoned,
+                "shutdown dropped records it could neither write nor spool before its deadline"
+            );
+        } else if !report.drained {
+            tracing::warn!(
                 spooled = report.stats.spool_records,
-                "shutdown could not write every record before its deadline; spooled records are replayed at the next start"
+                "records left unwritten at shutdown (database unavailable, or the deadline passed) are in the spool; \
+                 the next start writes them"
             );
         }
         served.map_err(AppError::Serve)?;

@@ -91,6 +91,11 @@ async fn readyz(State(app): State<AppState>) -> Response {
                 .into_response()
         }
     };
+    if !app.logger.is_store_ready() {
+        // Start-up is still waiting for the database: its last attempt says why, at
+        // once, without another probe.
+        return unavailable(app.logger.database_down().unwrap_or_else(|| "database not reached yet".into()));
+    }
     match tokio::time::timeout(READINESS_PROBE, app.store.readiness()).await {
         Ok(Ok(r)) if r.is_ready() => match app.logger.database_down() {
             // The database answers a probe but batch writes still fail.
