@@ -24,6 +24,14 @@ const IDLE_CHECK: Duration = Duration::from_millis(500);
 /// How often a `block`ed append looks again for room.
 const BLOCK_POLL: Duration = Duration::from_millis(20);
 
+/// The room a frame of `size` bytes needs under the cap: itself and the magic of the
+/// segment it may open. Whether it opens one is known only after making room (`drop_oldest`
+/// may evict the active segment, `block` may retire it), so the magic is always reserved:
+/// 8 bytes of slack, against a cap overrun by a segment opened when the spool was full.
+fn room_for(size: u64) -> u64 {
+    size + MAGIC.len() as u64
+}
+
 /// Starts the appender thread.
 pub(super) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("audit-spool-writer".into()).spawn(move || Appender::new(shared).run())
@@ -88,7 +96,7 @@ impl Appender {
         let mut group = Group::default();
         for item in work {
             let size = item.frame.len() as u64;
-            let over_cap = self.shared.stats.bytes.load(Ordering::Relaxed) + size > self.shared.max_bytes;
+            let over_cap = self.shared.stats.bytes.load(Ordering::Relaxed) + room_for(size) > self.shared.max_bytes;
             // Making room may seal or delete the active segment: what is buffered for it
             // must be on disk first.
             if over_cap && !group.bytes.is_empty() {
@@ -192,11 +200,12 @@ impl Appender {
     fn make_room(&mut self, size: u64) -> bool {
         let shared = self.shared.clone();
         let max_bytes = shared.max_bytes;
-        let fits = |stats: &SpoolStats| stats.bytes.load(Ordering::Relaxed) + size <= max_bytes;
+        let needed = room_for(size);
+        let fits = |stats: &SpoolStats| stats.bytes.load(Ordering::Relaxed) + needed <= max_bytes;
         if fits(&shared.stats) {
             return true;
         }
-        if size + MAGIC.len() as u64 > max_bytes {
+        if needed > max_bytes {
             return false;
         }
         match shared.policy {
@@ -253,8 +262,12 @@ impl Appender {
             let _ = fs.remove(&path);
             return Err(SpoolError::io(&path, e));
         }
-        // The new name must survive a crash too.
-        fs.sync_dir(&self.shared.dir).map_err(|e| SpoolError::io(&self.shared.dir, e))?;
+        // The new name must survive a crash too. If it cannot be made to, the file holds no
+        // record yet: remove it, or it would outlive every record, uncounted in `bytes`.
+        if let Err(e) = fs.sync_dir(&self.shared.dir) {
+            let _ = fs.remove(&path);
+            return Err(SpoolError::io(&self.shared.dir, e));
+        }
         let len = MAGIC.len() as u64;
         self.shared.stats.bytes.fetch_add(len, Ordering::Relaxed);
         self.shared.lock().ledger.insert(id, Segment::active(path.clone(), len));

@@ -133,12 +133,13 @@ impl Ledger {
     }
 
     /// Counts records the reader handed out, and records it found unreadable (which are
-    /// settled at once: there is nothing to commit).
-    pub fn handed_out(&mut self, id: u64, records: u64, unreadable: u64) {
-        if let Some(seg) = self.segments.get_mut(&id) {
-            seg.read += records + unreadable;
-            seg.settled += unreadable;
-        }
+    /// settled at once: there is nothing to commit). False when the segment is gone
+    /// (evicted: its records not yet read were counted as dropped).
+    pub fn handed_out(&mut self, id: u64, records: u64, unreadable: u64) -> bool {
+        let Some(seg) = self.segments.get_mut(&id) else { return false };
+        seg.read += records + unreadable;
+        seg.settled += unreadable;
+        true
     }
 
     /// Settles `n` records of segment `id`.
@@ -151,9 +152,9 @@ impl Ledger {
         }
     }
 
-    /// The reader reached the durable end of a sealed segment. Records it never saw
-    /// (lost inside corrupt bytes found after they were written) count as read and
-    /// settled; returns how many, and the segment if that finished it.
+    /// The reader reached the durable end of a segment (sealed or still active). Records
+    /// it never saw (lost inside corrupt bytes found after they were written) count as read
+    /// and settled; returns how many, and the segment if that finished it.
     pub fn finish_reading(&mut self, id: u64) -> (u64, Option<Segment>) {
         let Some(seg) = self.segments.get_mut(&id) else { return (0, None) };
         let lost = seg.records.saturating_sub(seg.read);

@@ -319,7 +319,9 @@ impl Spool {
     }
 
     /// Starts the task that reads spooled records back in order and hands them out in
-    /// batches of at most `batch_size`. Read batches wait in a channel of one.
+    /// batches of at most `batch_size`. Read batches wait in a channel of one. A batch in
+    /// the channel counts as read: after [`Spool::stop_reading`], receive until the channel
+    /// closes, or a batch whose segment `drop_oldest` evicted is lost uncounted.
     pub fn start_reader(&self, batch_size: usize) -> mpsc::Receiver<Vec<Spooled>> {
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(reader::Reader::new(self.shared.clone(), batch_size, tx).run());

@@ -3,8 +3,12 @@
 //!
 //! A corrupt frame found while reading (damage after the write was fsync'd) is skipped
 //! by resynchronising on the next valid frame (`frame::resync`); the records it cost are
-//! counted when the segment is finished, from the gap between the records the segment
-//! holds and the records read.
+//! counted when the reader reaches the segment's durable end, from the gap between the
+//! records the segment holds and the records read.
+//!
+//! A record counts as read once its batch is in the channel, not when it is read from
+//! disk: `drop_oldest` may evict a segment meanwhile, and each of its records must then be
+//! counted once, as dropped (not yet in the channel) or as read (the writers have it).
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -84,10 +88,17 @@ impl Reader {
                     if batch.is_empty() {
                         continue;
                     }
-                    tokio::select! {
-                        sent = self.tx.send(batch) => if sent.is_err() { break },
+                    // Room in the channel first: a batch dropped here by `stop_reading` was
+                    // never counted as read, so its records stay owed (replayed, or counted
+                    // as dropped if `drop_oldest` evicts their segment).
+                    let permit = tokio::select! {
+                        permit = self.tx.reserve() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
                         _ = shared.stop_reading.cancelled() => break,
-                    }
+                    };
+                    self.hand_over(segment, batch, permit);
                 }
             }
         }
@@ -129,9 +140,11 @@ impl Reader {
             if self.offset < seg.bytes {
                 return Step::Read { segment: id, path: seg.path.clone(), from: self.offset, until: seg.bytes };
             }
-            if !seg.sealed {
-                return Step::Wait;
-            }
+            // At the durable end every durable record was read or lost to corruption: count
+            // the loss now, sealed or not. An idle active segment is retired only once
+            // drained, so waiting for the seal would keep it, and the loss uncounted,
+            // until the next start.
+            let sealed = seg.sealed;
             let (lost, done) = state.ledger.finish_reading(id);
             if lost > 0 {
                 let stats = &self.shared.stats;
@@ -144,6 +157,9 @@ impl Reader {
                 );
             }
             finished.extend(done);
+            if !sealed {
+                return Step::Wait;
+            }
             self.next_from = id + 1;
             self.segment = None;
             self.file = None;
@@ -211,26 +227,47 @@ impl Reader {
         let stats = &self.shared.stats;
         let at = SpoolRef { segment };
         let mut batch = Vec::with_capacity(chunk.payloads.len());
-        let mut undecodable = 0u64;
+        let (mut undecodable, mut undecodable_bytes) = (0u64, 0u64);
         for payload in chunk.payloads {
             match serde_json::from_slice::<Interaction>(&payload) {
                 Ok(record) => batch.push(Spooled { record, at }),
                 Err(e) => {
                     undecodable += 1;
-                    stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
-                    stats.corrupt_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    undecodable_bytes += payload.len() as u64;
                     tracing::error!(segment, error = %e, "spooled record cannot be decoded; discarding it");
                 }
             }
         }
-        self.shared.lock().ledger.handed_out(segment, batch.len() as u64, undecodable);
-        if undecodable > 0 {
+        // Counted only if the segment was not evicted meanwhile: eviction counted them.
+        if undecodable > 0 && self.shared.lock().ledger.handed_out(segment, 0, undecodable) {
+            stats.corrupt_records.fetch_add(undecodable, Ordering::Relaxed);
+            stats.corrupt_bytes.fetch_add(undecodable_bytes, Ordering::Relaxed);
             sub_saturating(&stats.records, undecodable);
         }
-        stats.replayed.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.offset = chunk.offset;
         self.file = chunk.reader;
         Some(batch)
+    }
+
+    /// Counts a batch as read and puts it in the channel, in one step under the lock, so
+    /// that an eviction (`drop_oldest`) counts each record either as dropped or as read,
+    /// never both nor neither. A batch whose segment was evicted since it was read is
+    /// discarded: the eviction counted its records as dropped.
+    fn hand_over(&self, segment: u64, batch: Vec<Spooled>, permit: mpsc::Permit<'_, Vec<Spooled>>) {
+        let n = batch.len() as u64;
+        let mut state = self.shared.lock();
+        if !state.ledger.handed_out(segment, n, 0) {
+            drop(state);
+            tracing::warn!(
+                segment,
+                records = n,
+                "spool segment evicted while its records were being read; they were counted as dropped"
+            );
+            return;
+        }
+        permit.send(batch);
+        drop(state);
+        self.shared.stats.replayed.fetch_add(n, Ordering::Relaxed);
     }
 }
 
