@@ -11,4 +11,5 @@ mod ingest_http;
 mod pg_cluster;
 mod pipeline;
 mod spool;
+mod spool_props;
 mod store;

@@ -986,8 +986,8 @@ fn open_faulty(config: &SpoolConfig) -> (Spool, Arc<Faults>) {
 /// The error is the injected one, with the segment it was writing.
 fn assert_injected(error: &SpoolError, errno: i32, dir: &Path) {
     match error {
-        SpoolError::Io { path, source } => {
-            assert!(source.to_string().contains(&format!("os error {errno}")), "{source}");
+        SpoolError::Io { path, cause } => {
+            assert!(cause.to_string().contains(&format!("os error {errno}")), "{cause}");
             assert!(path.starts_with(dir), "names a path in the spool: {}", path.display());
         }
         other => panic!("expected SpoolError::Io, got {other:?}"),
