@@ -89,6 +89,12 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// The migrations of `migrator` missing from `applied` (versions recorded as applied).
+    pub(crate) fn against(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Readiness {
+        let pending = migrator.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
+        Readiness { pending_migrations: pending }
+    }
+
     /// True when the database is reachable and fully migrated.
     pub fn is_ready(&self) -> bool {
         self.pending_migrations.is_empty()

@@ -17,7 +17,7 @@ use sqlx::Connection;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS};
+use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -289,17 +289,13 @@ impl Store for PostgresStore {
 
     #[instrument(skip_all)]
     async fn readiness(&self) -> Result<Readiness, StoreError> {
-        let applied: Vec<i64> = match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&self.pool)
-            .await
-        {
+        let applied: Vec<i64> = match sqlx::query_scalar(SELECT_APPLIED_MIGRATIONS).fetch_all(&self.pool).await {
             Ok(v) => v,
             // 42P01: the bookkeeping table does not exist yet, so nothing is applied.
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Vec::new(),
             Err(e) => return Err(self.explain_timeout(classify(e)).await),
         };
-        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness { pending_migrations: pending })
+        Ok(Readiness::against(&MIGRATOR, &applied))
     }
 
     #[instrument(skip(self))]

@@ -43,6 +43,9 @@ pub const SELECT_DEAD_LETTERS: &str = "\
 SELECT CAST(interaction_id AS TEXT) AS interaction_id, record, error, attempts, failed_at
 FROM dead_letters ORDER BY failed_at DESC, id DESC LIMIT $1";
 
+/// The migrations recorded as applied.
+pub const SELECT_APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+
 /// Number of interactions.
 pub const COUNT_INTERACTIONS: &str = "SELECT count(*) FROM interactions";
 

@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS};
+use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -279,13 +279,9 @@ impl Store for SqliteStore {
         let applied: Vec<i64> = if has_table == 0 {
             Vec::new()
         } else {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?
+            sqlx::query_scalar(SELECT_APPLIED_MIGRATIONS).fetch_all(&self.pool).await.map_err(classify)?
         };
-        let pending = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
-        Ok(Readiness { pending_migrations: pending })
+        Ok(Readiness::against(&MIGRATOR, &applied))
     }
 
     #[instrument(skip(self))]
