@@ -9,6 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::Path;
 
+use super::frame::{self, Corruption, HEADER};
+
 /// A segment open for appending.
 pub trait AppendFile: Send {
     /// Appends all of `bytes`.
@@ -80,4 +82,25 @@ impl Filesystem for StdFilesystem {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
+}
+
+/// Reads one frame from `reader` with `available` bytes left before the end of what may
+/// be read: its payload, or why the bytes there are not a frame (the reader is then at an
+/// unspecified position).
+pub fn read_frame(reader: &mut impl Read, available: u64) -> io::Result<Result<Vec<u8>, Corruption>> {
+    if available < HEADER as u64 {
+        return Ok(Err(Corruption::TornHeader));
+    }
+    let mut head = [0u8; HEADER];
+    reader.read_exact(&mut head)?;
+    let (len, crc) = match frame::check_header(&head, available - HEADER as u64) {
+        Ok(h) => h,
+        Err(why) => return Ok(Err(why)),
+    };
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload)?;
+    if crc32fast::hash(&payload) != crc {
+        return Ok(Err(Corruption::CrcMismatch));
+    }
+    Ok(Ok(payload))
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::frame::{self, Corruption, HEADER, MAGIC};
-use super::io::ReadFile;
+use super::io::{read_frame, ReadFile};
 use super::ledger::Segment;
 use super::{sub_saturating, Shared, SpoolRef, Spooled};
 use crate::model::Interaction;
@@ -269,24 +269,4 @@ impl Reader {
         drop(state);
         self.shared.stats.replayed.fetch_add(n, Ordering::Relaxed);
     }
-}
-
-/// Reads one frame from `reader` with `available` durable bytes left: its payload, or why
-/// the bytes there are not a frame.
-fn read_frame(reader: &mut impl Read, available: u64) -> std::io::Result<Result<Vec<u8>, Corruption>> {
-    if available < HEADER as u64 {
-        return Ok(Err(Corruption::TornHeader));
-    }
-    let mut head = [0u8; HEADER];
-    reader.read_exact(&mut head)?;
-    let (len, crc) = match frame::check_header(&head, available - HEADER as u64) {
-        Ok(h) => h,
-        Err(why) => return Ok(Err(why)),
-    };
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload)?;
-    if crc32fast::hash(&payload) != crc {
-        return Ok(Err(Corruption::CrcMismatch));
-    }
-    Ok(Ok(payload))
 }

@@ -7,14 +7,17 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use super::frame::{self, Decoded, MAGIC};
-use super::io::Filesystem;
+use super::frame::{self, Decoded, HEADER, MAGIC};
+use super::io::{read_frame, Filesystem};
 use super::ledger::{Ledger, Segment};
 use super::{SpoolError, SpoolStats};
+
+/// Read buffer of the start-up scan.
+const SCAN_BUFFER: usize = 1 << 20;
 
 /// The name of a segment file: its id as 16 hex digits.
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -72,14 +75,21 @@ pub fn check(bytes: &[u8]) -> Option<Checked> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return None;
     }
-    let mut checked = Checked { bytes: MAGIC.len() as u64, ..Checked::default() };
-    let mut at = MAGIC.len();
+    Some(walk(&bytes[MAGIC.len()..], MAGIC.len() as u64))
+}
+
+/// Walks frames held in memory that start at file offset `base`: valid frames are
+/// counted, a corrupt one is skipped to the next valid frame, and what follows the last
+/// valid frame is a torn tail.
+fn walk(bytes: &[u8], base: u64) -> Checked {
+    let mut checked = Checked { bytes: base, ..Checked::default() };
+    let mut at = 0;
     loop {
         match frame::decode(&bytes[at..]) {
             Decoded::Frame { len, .. } => {
                 at += len;
                 checked.records += 1;
-                checked.bytes = at as u64;
+                checked.bytes = base + at as u64;
             }
             Decoded::End => break,
             Decoded::Corrupt(_) => {
@@ -98,16 +108,45 @@ pub fn check(bytes: &[u8]) -> Option<Checked> {
             }
         }
     }
-    Some(checked)
+    checked
+}
+
+/// Checks a file frame by frame, streaming; only from a corrupt frame on (rare: a crash
+/// mid-write, damage on disk) is the rest of the file read into memory to resynchronise.
+/// `None` when it is not a segment; otherwise what is valid, and the file's length.
+fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u64)> {
+    let len = fs.len(path)?;
+    let mut reader = BufReader::with_capacity(SCAN_BUFFER, fs.open(path)?);
+    let mut magic = [0u8; MAGIC.len()];
+    if len < MAGIC.len() as u64 || reader.read_exact(&mut magic).is_err() || &magic != MAGIC {
+        return Ok((None, len));
+    }
+    let mut checked = Checked { bytes: MAGIC.len() as u64, ..Checked::default() };
+    while checked.bytes < len {
+        if let Ok(payload) = read_frame(&mut reader, len - checked.bytes)? {
+            checked.bytes += (HEADER + payload.len()) as u64;
+            checked.records += 1;
+            continue;
+        }
+        let mut rest = Vec::new();
+        let mut file = fs.open(path)?;
+        file.seek(SeekFrom::Start(checked.bytes))?;
+        file.take(len - checked.bytes).read_to_end(&mut rest)?;
+        let tail = walk(&rest, checked.bytes);
+        checked.bytes = tail.bytes;
+        checked.records += tail.records;
+        checked.corrupt_regions += tail.corrupt_regions;
+        checked.corrupt_bytes += tail.corrupt_bytes;
+        break;
+    }
+    Ok((Some(checked), len))
 }
 
 /// Checks a segment found at start-up and truncates it after its last valid frame.
 /// `None` when the file is not a segment (it is counted and should be deleted).
 fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Result<Option<Checked>, SpoolError> {
-    let mut bytes = Vec::new();
-    fs.open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| SpoolError::io(path, e))?;
-    let Some(checked) = check(&bytes) else {
-        let len = bytes.len() as u64;
+    let (checked, len) = scan(fs, path).map_err(|e| SpoolError::io(path, e))?;
+    let Some(checked) = checked else {
         stats.corrupt_bytes.fetch_add(len, Ordering::Relaxed);
         if len > 0 {
             stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +165,7 @@ fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Resu
             "corrupt spool frames (a crash mid-write, or damage on disk); skipped them and kept the rest"
         );
     }
-    if checked.bytes < bytes.len() as u64 {
+    if checked.bytes < len {
         fs.truncate(path, checked.bytes).map_err(|e| SpoolError::io(path, e))?;
     }
     Ok(Some(checked))
