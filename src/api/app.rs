@@ -26,7 +26,7 @@ use crate::store::{self, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
 /// trying in the background).
-const FIRST_ATTEMPT: Duration = Duration::from_secs(2);
+const FIRST_ATTEMPT: Duration = Duration::from_secs(1);
 /// First wait between start-up attempts; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between start-up attempts.
@@ -88,28 +88,33 @@ impl Application {
         let url = config.database.resolved_url()?;
         let store = store::connect(&url, &config.database).await?;
         let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
-        let first = tokio::time::timeout(FIRST_ATTEMPT, prepare_database(&*store, config.database.migrate_on_start))
-            .await
-            .unwrap_or_else(|_| Err(format!("the database did not answer within {FIRST_ATTEMPT:?}")));
-        let logger = start_pipeline(&config, store.clone(), first.as_ref().err()).await?;
+        // The first attempt runs in a task of its own: when it outlasts FIRST_ATTEMPT
+        // (a database that does not answer, or a long migration) start-up goes on and
+        // the background task waits for that same attempt rather than cancelling it.
+        let migrate = config.database.migrate_on_start;
+        let mut in_flight = tokio::spawn(prepare_database(store.clone(), migrate));
+        let (in_flight, not_ready) = match tokio::time::timeout(FIRST_ATTEMPT, &mut in_flight).await {
+            Ok(Ok(Ok(()))) => (None, None),
+            Ok(Ok(Err(reason))) => (None, Some(reason)),
+            Ok(Err(e)) => (None, Some(format!("start-up task failed: {e}"))),
+            Err(_) => {
+                (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
+            }
+        };
+        let logger = start_pipeline(&config, store.clone(), not_ready.as_ref()).await?;
         let stop_startup = CancellationToken::new();
-        let startup = match first {
-            Ok(()) => {
-                tracing::info!(migrate = config.database.migrate_on_start, "database ready");
+        let startup = match not_ready {
+            None => {
+                tracing::info!(migrate, "database ready");
                 tokio::spawn(async {})
             }
-            Err(reason) => {
+            Some(reason) => {
                 tracing::warn!(
                     reason = %reason,
                     spool = logger.has_spool(),
                     "database not ready at start-up; serving anyway, retrying in the background"
                 );
-                let task = wait_for_database(
-                    store.clone(),
-                    logger.clone(),
-                    config.database.migrate_on_start,
-                    stop_startup.clone(),
-                );
+                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop_startup.clone());
                 tokio::spawn(task)
             }
         };
@@ -199,7 +204,7 @@ async fn start_pipeline(
 
 /// Gets the database ready for writes: migrates it, or (without `migrate`) checks that
 /// every migration is applied. The error says why not, for logs and `/readyz`.
-async fn prepare_database(store: &dyn Store, migrate: bool) -> Result<(), String> {
+async fn prepare_database(store: Arc<dyn Store>, migrate: bool) -> Result<(), String> {
     if migrate {
         return store.migrate().await.map_err(|e| e.to_string());
     }
@@ -213,33 +218,49 @@ async fn prepare_database(store: &dyn Store, migrate: bool) -> Result<(), String
     }
 }
 
-/// Retries [`prepare_database`] with backoff and jitter until it succeeds, then lets the
-/// pipeline write. Stops early at shutdown.
-async fn wait_for_database(store: Arc<dyn Store>, logger: AuditLogger, migrate: bool, stop: CancellationToken) {
+/// Waits for the attempt still `in_flight` from start-up (if any), then retries
+/// [`prepare_database`] with backoff and jitter until it succeeds, and lets the pipeline
+/// write. Stops early at shutdown.
+async fn wait_for_database(
+    store: Arc<dyn Store>,
+    logger: AuditLogger,
+    migrate: bool,
+    in_flight: Option<JoinHandle<Result<(), String>>>,
+    stop: CancellationToken,
+) {
     let mut delay = RETRY_FIRST;
     let mut attempts = 1u32;
+    let mut attempt = in_flight;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))) => {}
-            _ = stop.cancelled() => return,
-        }
-        attempts += 1;
-        let attempt = tokio::select! {
-            result = prepare_database(&*store, migrate) => result,
-            _ = stop.cancelled() => return,
+        let result = match attempt.take() {
+            Some(task) => tokio::select! {
+                joined = task => joined.unwrap_or_else(|e| Err(format!("start-up task failed: {e}"))),
+                _ = stop.cancelled() => return,
+            },
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))) => {}
+                    _ = stop.cancelled() => return,
+                }
+                attempts += 1;
+                delay = (delay * 2).min(RETRY_MAX);
+                tokio::select! {
+                    result = prepare_database(store.clone(), migrate) => result,
+                    _ = stop.cancelled() => return,
+                }
+            }
         };
-        match attempt {
+        match result {
             Ok(()) => {
                 tracing::info!(attempts, "database ready: migrations applied; writing what was spooled meanwhile");
                 logger.set_store_ready();
                 return;
             }
             Err(reason) => {
-                // Every attempt while the gaps are short, then each long wait: a log line
-                // at most every RETRY_MAX.
+                // One line per attempt: the gaps grow to RETRY_MAX, so at most one a
+                // RETRY_MAX once the outage lasts.
                 tracing::warn!(attempts, retry_in = ?delay, reason = %reason, "database still not ready");
                 logger.store_not_ready(&reason);
-                delay = (delay * 2).min(RETRY_MAX);
             }
         }
     }
