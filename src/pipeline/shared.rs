@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::envelope::{Envelope, Outcome};
+use super::envelope::{Envelope, Origin, Outcome};
 use super::health::Health;
 use super::queue::MemoryQueue;
 use super::spool::{Spool, SpoolError, Spooled};
@@ -93,25 +93,31 @@ impl Shared {
         envelope.resolve(Outcome::Dropped(reason, detail.to_string()));
     }
 
-    /// Moves memory records to the spool (fire-and-forget appends). Records already from
+    /// Moves memory records to the spool (fire-and-forget appends). Records read from
     /// the spool stay where they are: still on disk, they are replayed on the next start.
-    /// Without a spool, or when it refuses them, the records are dropped and counted
-    /// under a reason that says why.
+    /// But one whose segment `drop_oldest` evicted while a writer held it exists only in
+    /// memory now: it is appended again and its old place settled. Without a spool, or
+    /// when it refuses them, the records are dropped and counted under a reason that
+    /// says why.
     pub(crate) fn spill(&self, envelopes: Vec<Envelope>, cause: SpillCause) {
         for envelope in envelopes {
-            if !envelope.in_memory() {
-                continue;
-            }
             let Some(spool) = &self.spool else {
                 self.drop_record(envelope, cause.drop_reason(), cause.detail());
                 continue;
             };
+            if let Origin::Spool(at) = envelope.origin {
+                if spool.holds(at) {
+                    continue;
+                }
+                // Its old place is gone: the gauge must not wait for it.
+                spool.settle(at, 1);
+            }
             match spool.append(&envelope.record, None) {
                 Ok(()) => {
                     self.stats.spilled.fetch_add(1, Ordering::Relaxed);
                     envelope.resolve(Outcome::Spooled);
                 }
-                Err(e @ SpoolError::Full { .. }) => {
+                Err(e @ (SpoolError::Full { .. } | SpoolError::Backlog { .. })) => {
                     self.drop_record(envelope, DropReason::SpoolFull, &e.to_string());
                 }
                 Err(e) => {

@@ -233,6 +233,9 @@ async fn dead_letter(shared: &Shared, envelope: Envelope, error: &StoreError) {
         }
     };
     if !stored {
+        // Nowhere to keep it: the drop is final, so a spooled copy is settled too (else it
+        // would be replayed, counted twice, and hold its segment and every shutdown).
+        settle_spool(shared, std::iter::once(envelope.origin));
         shared.drop_record(envelope, DropReason::Rejected, &reason);
         return;
     }

@@ -320,7 +320,91 @@ async fn a_record_the_spool_refuses_while_the_database_is_down_is_counted_as_suc
     log.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Regression: a writer retrying a batch read from the spool while `drop_oldest` evicted
+/// that batch's segment held the only copy of those records; at shutdown they were
+/// "left on disk" that no longer existed, neither stored nor counted.
+async fn records_held_by_a_writer_when_their_segment_is_evicted_are_spooled_again(db: &TestDb) {
+    let (store, _gate) = gated(db, true).await;
+    store.failing.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let spool_config = SpoolConfig {
+        dir: dir.path().to_path_buf(),
+        max_bytes: 512 * 1024,
+        segment_bytes: 16 * 1024,
+        ..SpoolConfig::default()
+    };
+    let spool = Spool::open(&spool_config, 10_000).expect("open spool");
+    let log =
+        AuditLogger::start_with_spool(store.clone(), &config(1, 10_000, 10, 10), &LimitsConfig::default(), Some(spool));
+    for r in records(2000) {
+        log.log(r);
+        // Let the spool keep up, so drops come from its cap, not its bounded backlog.
+        if log.snapshot().spooled + 500 < log.snapshot().accepted {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    wait_until("every record spooled or dropped", Duration::from_secs(20), || {
+        let s = log.snapshot();
+        s.spooled + s.dropped_total() >= 2000
+    })
+    .await;
+    let report = log.shutdown(Duration::from_millis(500)).await;
+    assert!(report.stats.dropped_spool_full > 0, "the cap was reached: {:?}", report.stats);
+    let reopened = Spool::open(&spool_config, 10_000).expect("reopen spool");
+    let on_disk = reopened.stats().records.load(Ordering::Relaxed);
+    reopened.close().await;
+    assert_eq!(
+        report.stats.accepted,
+        report.stats.dropped_total() + on_disk,
+        "every record is on disk or counted as dropped: {:?}",
+        report.stats
+    );
+}
+
+/// A sink that refuses records whose question contains "poison" as bad data, and cannot
+/// keep dead letters either.
+struct PoisonSink {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait]
+impl BatchSink for PoisonSink {
+    async fn write_batch(&self, batch: &[Interaction]) -> Result<WriteSummary, StoreError> {
+        if batch.iter().any(|r| r.question.contains("poison")) {
+            return Err(StoreError::rejected("value out of range (simulated)"));
+        }
+        self.inner.write_batch(batch).await
+    }
+    async fn write_dead_letters(&self, _: &[DeadLetter]) -> Result<(), StoreError> {
+        Err(StoreError::unavailable("dead-letter table unavailable (simulated)"))
+    }
+}
+
+/// Regression: a spooled record that could be neither dead-lettered nor written to the
+/// dead-letter file was counted as rejected yet never settled: its segment stayed, every
+/// shutdown waited its full deadline, and the next start replayed (and counted) it again.
+async fn a_spooled_record_that_cannot_be_kept_anywhere_is_counted_once_and_settled(db: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    // The dead-letter file cannot be created: a directory stands in its place.
+    std::fs::create_dir(dir.path().join("dead-letters.ndjson")).unwrap();
+    let sink = Arc::new(PoisonSink { inner: db.store().await });
+    let log = spooled_logger(sink.clone(), &config(1, 1000, 10, 10), dir.path());
+    let mut batch = records(9);
+    batch.push(Interaction::new("poison"));
+    for r in batch {
+        log.log_durable(r).await.expect("durable in the spool");
+    }
+    crate::common::wait_for_count(&*sink.inner, 9).await;
+    wait_until("the poison record to be given up", Duration::from_secs(20), || log.snapshot().rejected == 1).await;
+    wait_until("the spool to settle", Duration::from_secs(20), || log.snapshot().spool_records == 0).await;
+    let report = log.shutdown(Duration::from_secs(10)).await;
+    assert!(report.drained, "{report:?}");
+    assert_eq!((report.stats.rejected, report.stats.dead_lettered), (1, 0));
+}
+
 both_backends!(
+    records_held_by_a_writer_when_their_segment_is_evicted_are_spooled_again,
+    a_spooled_record_that_cannot_be_kept_anywhere_is_counted_once_and_settled,
     a_record_the_spool_refuses_while_the_database_is_down_is_counted_as_such,
     a_full_queue_drops_the_oldest_and_counts_it,
     a_full_batch_is_written_without_waiting_for_the_interval,

@@ -84,9 +84,11 @@ impl Appender {
                     break;
                 }
                 state.pending_unnoticed = 0;
+                state.writing = state.pending.len();
                 state.pending.drain(..).collect()
             };
             self.write_group(work);
+            self.shared.lock().writing = 0;
         }
         self.seal_active();
     }
@@ -153,9 +155,11 @@ impl Appender {
                 let active = self.active.as_mut().expect("checked above");
                 active.len += bytes;
                 active.records += records;
-                self.shared.lock().ledger.appended(active.id, active.len, active.records);
+                // Counted before they become readable: a reader and a commit could
+                // otherwise settle them first, and the gauge, clamped at 0, would drift up.
                 self.shared.stats.spooled.fetch_add(records, Ordering::Relaxed);
                 self.shared.stats.records.fetch_add(records, Ordering::Relaxed);
+                self.shared.lock().ledger.appended(active.id, active.len, active.records);
                 self.shared.readable.notify_one();
                 for notice in notices.into_iter().flatten() {
                     let _ = notice.send(Ok(()));
@@ -217,8 +221,10 @@ impl Appender {
                     if self.active.as_ref().is_some_and(|a| a.id == oldest) {
                         self.seal_active();
                     }
-                    let evicted = shared.lock().ledger.evict_oldest();
-                    if let Some((_, seg)) = evicted {
+                    // By id, not "the oldest now": a segment that finished meanwhile must
+                    // not make this evict the next one (perhaps the active one).
+                    let evicted = shared.lock().ledger.evict(oldest);
+                    if let Some(seg) = evicted {
                         let lost = seg.records.saturating_sub(seg.read);
                         shared.stats.dropped_full.fetch_add(lost, Ordering::Relaxed);
                         sub_saturating(&shared.stats.records, lost);

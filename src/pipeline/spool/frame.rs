@@ -14,12 +14,16 @@
 //! # Resynchronising after a corrupt frame
 //! No marker is written between frames, yet one is implied: a payload is JSON written by
 //! serde_json, which escapes every control character, so no payload byte is below `0x20`,
-//! while the most significant byte of a valid length (at most [`MAX_FRAME`], 256 MiB) is
-//! below `0x10`. A frame header can therefore never be read out of the middle of a
-//! payload, and [`resync`] may search forward for the next position whose header
-//! announces a length that fits and whose payload matches its CRC: that is the next real
-//! frame. A corrupt frame costs itself (and any frames it overwrote), not the rest of its
-//! segment.
+//! while the most significant byte of a valid length (below [`MAX_FRAME`], 256 MiB) is
+//! below `0x10`, and a valid length is never 0 (no record serialises to nothing; eight
+//! zero bytes, as a crash can leave, would otherwise pass: the CRC of nothing is 0). A
+//! position inside a payload, up to its last three bytes, can therefore never pass for a
+//! header. The few positions the byte ranges do not rule out (the last three bytes of a
+//! payload, the inside of a header) are ruled out by the CRC, which a wrong position
+//! matches with odds of 2^-32. [`resync`] searches forward for the next position whose
+//! header announces a length that fits and whose payload matches its CRC: that is the
+//! next real frame. A corrupt frame costs itself (and any frames it overwrote), not the
+//! rest of its segment.
 
 use crate::model::Interaction;
 
@@ -27,9 +31,9 @@ use crate::model::Interaction;
 pub const MAGIC: &[u8; 8] = b"OASPOOL1";
 /// Length of a frame header (length + CRC).
 pub const HEADER: usize = 8;
-/// Frames larger than this are treated as corruption when read back: no valid record is
-/// this large (fields are truncated at `limits.max_field_bytes` before they get here).
-/// Must stay below 2^28 so the length's top byte is below any JSON byte (see [`resync`]).
+/// Frames this large or larger are treated as corruption when read back: no valid record
+/// is this large (fields are truncated at `limits.max_field_bytes` before they get here).
+/// At most 2^28, so a valid length's top byte is below any JSON byte (see [`resync`]).
 pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 
 /// What decoding the bytes at one position found.
@@ -55,7 +59,7 @@ pub enum Corruption {
     TornHeader,
     /// The header announces more bytes than there are: a write cut short.
     TornPayload,
-    /// The length is beyond [`MAX_FRAME`]: not a header.
+    /// The length is 0 or not below [`MAX_FRAME`]: not a header.
     LengthOutOfRange,
     /// The payload does not match its CRC.
     CrcMismatch,
@@ -106,7 +110,7 @@ pub fn header(bytes: &[u8; HEADER]) -> (usize, u32) {
 /// `len` bytes fits in `available` bytes after the header.
 pub fn check_header(bytes: &[u8; HEADER], available_after: u64) -> Result<(usize, u32), Corruption> {
     let (len, crc) = header(bytes);
-    if len > MAX_FRAME {
+    if len == 0 || len >= MAX_FRAME {
         return Err(Corruption::LengthOutOfRange);
     }
     if len as u64 > available_after {
@@ -155,6 +159,18 @@ mod tests {
         assert_eq!(len, frame.len());
         assert_eq!(serde_json::from_slice::<Interaction>(payload).unwrap(), record);
         assert_eq!(encode_payload(payload), frame);
+    }
+
+    #[test]
+    fn zero_bytes_are_not_a_frame() {
+        // Regression: length 0 with CRC 0 decoded as an empty frame, so a zero-filled
+        // tail after a crash read as thousands of records.
+        assert_eq!(decode(&[0u8; 64]), Decoded::Corrupt(Corruption::LengthOutOfRange));
+        let mut bytes = encode(&Interaction::new("only"));
+        let whole = bytes.len();
+        bytes.extend_from_slice(&[0u8; 4096]);
+        assert!(matches!(decode(&bytes), Decoded::Frame { len, .. } if len == whole));
+        assert_eq!(resync(&bytes[whole..]), None);
     }
 
     #[test]

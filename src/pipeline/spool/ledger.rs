@@ -6,7 +6,7 @@
 //! for deletion only when it is *done*: sealed (no more appends), every record read,
 //! every record read settled. `Ledger::take_if_done` is the one place that decides it;
 //! every method that can finish a segment returns it for the caller to delete outside
-//! the lock. The only other way out is [`Ledger::evict_oldest`], the `drop_oldest` full
+//! the lock. The only other way out is [`Ledger::evict`], the `drop_oldest` full
 //! policy, whose records are counted as dropped.
 //!
 //! The table lives in memory only: at start-up it is rebuilt from the files on disk
@@ -169,11 +169,11 @@ impl Ledger {
         self.segments.get(&id).is_some_and(Segment::drained)
     }
 
-    /// Removes the oldest segment whatever its state (`drop_oldest`); its records not yet
-    /// read are lost and must be counted by the caller.
-    pub fn evict_oldest(&mut self) -> Option<(u64, Segment)> {
-        let id = self.oldest()?;
-        self.segments.remove(&id).map(|seg| (id, seg))
+    /// Removes segment `id` whatever its state (`drop_oldest`); its records not yet read
+    /// are lost and must be counted by the caller. `None` when it is gone already (it
+    /// finished between the caller's look and this call).
+    pub fn evict(&mut self, id: u64) -> Option<Segment> {
+        self.segments.remove(&id)
     }
 
     /// The one rule: a segment leaves the table for deletion only when done.
@@ -200,6 +200,20 @@ mod tests {
         assert_eq!(ledger.settle(id, 3), Settled::Kept, "not sealed yet");
         assert!(ledger.seal(id).is_some(), "sealing a drained segment finishes it");
         assert_eq!(ledger.settle(id, 1), Settled::Gone);
+    }
+
+    #[test]
+    fn eviction_is_by_id_so_a_segment_that_finished_meanwhile_is_not_replaced() {
+        // Regression: "evict the oldest" after "look at the oldest" could evict the next
+        // segment (even the active one) when the first finished in between.
+        let mut ledger = Ledger::default();
+        ledger.insert(1, Segment::recovered("1.seg".into(), 100, 1));
+        ledger.insert(2, Segment::active("2.seg".into(), 8));
+        let oldest = ledger.oldest().unwrap();
+        ledger.handed_out(1, 1, 0);
+        assert!(matches!(ledger.settle(1, 1), Settled::Done(_)), "segment 1 finishes meanwhile");
+        assert_eq!(ledger.evict(oldest), None);
+        assert!(ledger.get(2).is_some(), "the active segment is untouched");
     }
 
     #[test]

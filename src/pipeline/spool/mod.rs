@@ -85,6 +85,12 @@ pub enum SpoolError {
         /// The configured cap.
         max_bytes: u64,
     },
+    /// Too many fire-and-forget records wait for the disk (it is slower than they come).
+    #[error("{limit} records already wait for the spool's disk; this one was not taken")]
+    Backlog {
+        /// The bound (`audit.async.queue_size`).
+        limit: usize,
+    },
     /// The spool is closed (shutting down).
     #[error("spool is closed")]
     Closed,
@@ -103,6 +109,7 @@ impl SpoolError {
             }
             SpoolError::Locked(p) => SpoolError::Locked(p.clone()),
             SpoolError::Full { max_bytes } => SpoolError::Full { max_bytes: *max_bytes },
+            SpoolError::Backlog { limit } => SpoolError::Backlog { limit: *limit },
             SpoolError::Closed => SpoolError::Closed,
         }
     }
@@ -115,8 +122,8 @@ pub struct SpoolStats {
     pub spooled: AtomicU64,
     /// Records read back and handed to the writers.
     pub replayed: AtomicU64,
-    /// Records dropped because the spool was full (policy `drop_oldest`/`drop_newest`,
-    /// or the bounded backlog of fire-and-forget records under `block`).
+    /// Records dropped because the spool was full (policy `drop_oldest`/`drop_newest`),
+    /// or because too many fire-and-forget records already waited for the disk.
     pub dropped_full: AtomicU64,
     /// Records lost to a write error of the spool itself (disk full, I/O error).
     pub dropped_io: AtomicU64,
@@ -164,6 +171,8 @@ struct State {
     pending: VecDeque<Pending>,
     /// Records in `pending` without a notice (fire-and-forget), bounded.
     pending_unnoticed: usize,
+    /// Records the appender took from `pending` and has not finished writing.
+    writing: usize,
     closing: bool,
 }
 
@@ -290,7 +299,7 @@ impl Spool {
             if state.pending_unnoticed >= self.shared.pending_limit {
                 drop(state);
                 self.shared.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                return Err(SpoolError::Full { max_bytes: self.shared.max_bytes });
+                return Err(SpoolError::Backlog { limit: self.shared.pending_limit });
             }
             state.pending_unnoticed += 1;
         }
@@ -318,6 +327,12 @@ impl Spool {
         }
     }
 
+    /// True while the segment holding `at` is still on disk. False once `drop_oldest`
+    /// evicted it: a record read from it that is still in memory is then its only copy.
+    pub fn holds(&self, at: SpoolRef) -> bool {
+        self.shared.lock().ledger.get(at.segment).is_some()
+    }
+
     /// Starts the task that reads spooled records back in order and hands them out in
     /// batches of at most `batch_size`. Read batches wait in a channel of one. A batch in
     /// the channel counts as read: after [`Spool::stop_reading`], receive until the channel
@@ -336,7 +351,9 @@ impl Spool {
 
     /// True when every record appended so far has been settled.
     pub fn is_empty(&self) -> bool {
-        self.shared.stats.records.load(Ordering::Relaxed) == 0 && self.shared.lock().pending.is_empty()
+        let state = self.shared.lock();
+        // Records the appender is writing count too: they are in neither gauge yet.
+        state.pending.is_empty() && state.writing == 0 && self.shared.stats.records.load(Ordering::Relaxed) == 0
     }
 
     /// Writes and fsyncs everything pending, then stops the appender. Appends after this

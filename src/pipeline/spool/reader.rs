@@ -26,6 +26,9 @@ use crate::model::Interaction;
 
 /// Wait before retrying after a read error.
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// Failed reads of the same range before the reader gives up on it (counting its
+/// records as lost) rather than stall every segment behind it.
+const READ_ATTEMPTS: u32 = 5;
 /// Look again this often even without a wake-up (belt and braces).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// Read buffer size.
@@ -43,6 +46,8 @@ pub(super) struct Reader {
     file: Option<BufReader<Box<dyn ReadFile>>>,
     /// Segments below this id are finished.
     next_from: u64,
+    /// Consecutive failed reads of the current range.
+    read_failures: u32,
 }
 
 /// What the reader should do next, decided under the lock.
@@ -63,7 +68,16 @@ struct Chunk {
 
 impl Reader {
     pub(super) fn new(shared: Arc<Shared>, batch_size: usize, tx: mpsc::Sender<Vec<Spooled>>) -> Reader {
-        Reader { shared, batch_size: batch_size.max(1), tx, segment: None, offset: 0, file: None, next_from: 0 }
+        Reader {
+            shared,
+            batch_size: batch_size.max(1),
+            tx,
+            segment: None,
+            offset: 0,
+            file: None,
+            next_from: 0,
+            read_failures: 0,
+        }
     }
 
     pub(super) async fn run(mut self) {
@@ -153,7 +167,7 @@ impl Reader {
                 tracing::error!(
                     segment = id,
                     records = lost,
-                    "spooled records lost to a corrupt region of the segment"
+                    "spooled records lost to a corrupt or unreadable region of the segment"
                 );
             }
             finished.extend(done);
@@ -203,8 +217,27 @@ impl Reader {
         })
         .await;
         let chunk = match result {
-            Ok(Ok(chunk)) => chunk,
+            Ok(Ok(chunk)) => {
+                self.read_failures = 0;
+                chunk
+            }
             Ok(Err(e)) => {
+                self.read_failures += 1;
+                if e.kind() == std::io::ErrorKind::NotFound || self.read_failures >= READ_ATTEMPTS {
+                    // Deleted under the spool, or unreadable: skip to the durable end; the
+                    // records there are counted as lost when the segment is finished.
+                    tracing::error!(
+                        segment,
+                        from,
+                        until,
+                        attempts = self.read_failures,
+                        error = %e,
+                        "spool segment unreadable; giving up on this part of it, its records are counted as lost"
+                    );
+                    self.read_failures = 0;
+                    self.offset = until;
+                    return None;
+                }
                 tracing::error!(segment, error = %e, "cannot read the spool; retrying in 1s");
                 tokio::time::sleep(READ_RETRY).await;
                 return None;

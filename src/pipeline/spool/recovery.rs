@@ -118,7 +118,11 @@ fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u
     let len = fs.len(path)?;
     let mut reader = BufReader::with_capacity(SCAN_BUFFER, fs.open(path)?);
     let mut magic = [0u8; MAGIC.len()];
-    if len < MAGIC.len() as u64 || reader.read_exact(&mut magic).is_err() || &magic != MAGIC {
+    if len < MAGIC.len() as u64 {
+        return Ok((None, len));
+    }
+    reader.read_exact(&mut magic)?;
+    if &magic != MAGIC {
         return Ok((None, len));
     }
     let mut checked = Checked { bytes: MAGIC.len() as u64, ..Checked::default() };
@@ -144,15 +148,22 @@ fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u
 
 /// Checks a segment found at start-up and truncates it after its last valid frame.
 /// `None` when the file is not a segment (it is counted and should be deleted).
-fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Result<Option<Checked>, SpoolError> {
-    let (checked, len) = scan(fs, path).map_err(|e| SpoolError::io(path, e))?;
+fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Option<Checked> {
+    let (checked, len) = match scan(fs, path) {
+        Ok(scanned) => scanned,
+        Err(e) => {
+            set_aside(path, stats, &e);
+            return None;
+        }
+    };
     let Some(checked) = checked else {
         stats.corrupt_bytes.fetch_add(len, Ordering::Relaxed);
         if len > 0 {
             stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
         }
         tracing::error!(segment = %path.display(), bytes = len, "spool segment has no valid header; discarding it");
-        return Ok(None);
+        remove(fs, path);
+        return None;
     };
     if checked.corrupt_regions > 0 {
         stats.corrupt_records.fetch_add(checked.corrupt_regions, Ordering::Relaxed);
@@ -166,26 +177,57 @@ fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Resu
         );
     }
     if checked.bytes < len {
-        fs.truncate(path, checked.bytes).map_err(|e| SpoolError::io(path, e))?;
+        // If the cut fails, the segment is still read only up to its valid length.
+        if let Err(e) = fs.truncate(path, checked.bytes) {
+            tracing::warn!(segment = %path.display(), error = %e, "cannot cut the damaged tail off a spool segment");
+        }
     }
-    Ok(Some(checked))
+    Some(checked)
+}
+
+/// A segment that cannot be read at all (an I/O error on a damaged disk): counted,
+/// logged, and renamed `….seg.unreadable` for the operator, never a reason not to start.
+fn set_aside(path: &Path, stats: &SpoolStats, error: &std::io::Error) {
+    let len = fs::metadata(path).map_or(0, |m| m.len());
+    stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
+    stats.corrupt_bytes.fetch_add(len, Ordering::Relaxed);
+    let aside = path.with_extension("seg.unreadable");
+    let renamed = fs::rename(path, &aside);
+    tracing::error!(
+        segment = %path.display(),
+        bytes = len,
+        error = %error,
+        set_aside_as = %aside.display(),
+        rename_failed = renamed.err().map(|e| e.to_string()),
+        "spool segment cannot be read; its records are counted as lost and the file set aside"
+    );
+}
+
+/// Deletes a segment that holds nothing to replay; failing that, logs it (the next start
+/// tries again).
+fn remove(fs: &dyn Filesystem, path: &Path) {
+    if let Err(e) = fs.remove(path) {
+        tracing::warn!(segment = %path.display(), error = %e, "cannot delete an empty or invalid spool segment");
+    }
 }
 
 /// Checks every segment in `dir` and returns the ledger of those holding records, with
-/// their total bytes and records. Empty and invalid segment files are deleted.
+/// their total bytes and records. Empty and invalid segment files are deleted, unreadable
+/// ones set aside. Fails only when the directory itself cannot be listed.
 pub fn recover(fs: &dyn Filesystem, dir: &Path, stats: &SpoolStats) -> Result<Ledger, SpoolError> {
     let ids = segment_ids(dir)?;
     let mut segments = BTreeMap::new();
     let (mut total_bytes, mut total_records) = (0u64, 0u64);
     for &id in &ids {
         let path = segment_path(dir, id);
-        match recover_segment(fs, &path, stats)? {
+        match recover_segment(fs, &path, stats) {
             Some(checked) if checked.records > 0 => {
                 total_bytes += checked.bytes;
                 total_records += checked.records;
                 segments.insert(id, Segment::recovered(path, checked.bytes, checked.records));
             }
-            _ => fs.remove(&path).map_err(|e| SpoolError::io(&path, e))?,
+            Some(_) => remove(fs, &path),
+            None => {}
         }
     }
     stats.bytes.store(total_bytes, Ordering::Relaxed);
@@ -222,6 +264,17 @@ mod tests {
         bytes.extend_from_slice(&frame::encode(&Interaction::new("c"))[..20]);
         let checked = check(&bytes).unwrap();
         assert_eq!((checked.records, checked.bytes, checked.corrupt_regions), (2, whole, 1));
+    }
+
+    #[test]
+    fn a_zero_filled_tail_is_a_torn_tail_not_records() {
+        // Regression: eight zero bytes decoded as an empty frame; a zero-filled page
+        // after a crash read as hundreds of records.
+        let mut bytes = segment(&["a"]);
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(&[0u8; 4096]);
+        let checked = check(&bytes).unwrap();
+        assert_eq!((checked.records, checked.bytes, checked.corrupt_regions), (1, whole, 1));
     }
 
     #[test]
