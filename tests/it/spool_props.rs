@@ -1171,12 +1171,10 @@ async fn a_write_that_failed_half_way_leaves_nothing_to_read_back() {
 }
 
 /// (c) again, when cutting the failed write off fails too: the next start must not read
-/// back whole frames of a group whose producers were told it failed. It does: recovery
-/// cuts only the torn tail, and resync would find the whole frames anyway. A fix needs a
-/// durable record of the valid length (a design change), so this stays a known bug.
+/// back whole frames of a group whose producers were told it failed. Regression: recovery
+/// cut only a torn tail and resync found the whole frames; the appender now records the
+/// valid length beside the segment (`<id>.seg.valid`) and recovery honours it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a failed write that cannot be truncated is replayed at the next start (its records were \
-            reported failed and counted in dropped_io); needs a durable valid-length record"]
 async fn regression_a_write_that_failed_half_way_and_could_not_be_cut_off_is_not_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, faults) = open_faulty(&config(dir.path()));
@@ -1186,6 +1184,12 @@ async fn regression_a_write_that_failed_half_way_and_could_not_be_cut_off_is_not
     drop(spool);
 
     let spool = Spool::open(&config(dir.path()), PENDING_LIMIT).unwrap();
+    let markers: Vec<PathBuf> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".seg.valid"))
+        .collect();
+    assert!(markers.is_empty(), "the marker is removed once recovery made the cut: {markers:?}");
     let mut rx = spool.start_reader(100);
     let read = read_n(&mut rx, good.len()).await;
     assert_eq!(questions(read.into_iter().map(|s| s.record)), questions(good));

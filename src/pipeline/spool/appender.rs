@@ -6,7 +6,7 @@
 //! every [`FsyncNotice`] of the group. Appends that arrive during an fsync share the next
 //! one, so the fsync rate, not the record rate, bounds the disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::frame::MAGIC;
 use super::io::AppendFile;
 use super::ledger::Segment;
-use super::recovery::segment_path;
+use super::recovery::{segment_path, valid_marker_path};
 use super::{sub_saturating, FsyncNotice, Pending, Shared, SpoolError, SpoolStats};
 use crate::config::FullPolicy;
 
@@ -173,7 +173,8 @@ impl Appender {
                 // fresh segment.
                 if let Some(active) = self.active.as_mut() {
                     if let Err(e) = active.file.truncate(active.len) {
-                        tracing::warn!(segment = %path.display(), error = %e, "cannot cut a failed write off the segment; the next start will");
+                        let valid = active.len;
+                        self.mark_valid_length(&path, valid, &e);
                     }
                 }
                 self.seal_active();
@@ -182,6 +183,33 @@ impl Appender {
                     let _ = notice.send(Err(error.duplicate()));
                 }
             }
+        }
+    }
+
+    /// The failed part of a write could not be cut off: records the valid length beside
+    /// the segment, so the next start does not replay frames reported as failed. (In this
+    /// run the ledger already ends the segment there.)
+    fn mark_valid_length(&self, segment: &Path, valid: u64, cut_error: &std::io::Error) {
+        let fs = &self.shared.fs;
+        let marker = valid_marker_path(segment);
+        let written = fs.create(&marker).and_then(|mut file| {
+            file.append(valid.to_string().as_bytes())?;
+            file.sync()?;
+            fs.sync_dir(&self.shared.dir)
+        });
+        match written {
+            Ok(()) => tracing::warn!(
+                segment = %segment.display(),
+                valid_bytes = valid,
+                error = %cut_error,
+                "cannot cut a failed write off the segment; recorded its valid length for the next start"
+            ),
+            Err(e) => tracing::error!(
+                segment = %segment.display(),
+                error = %cut_error,
+                marker_error = %e,
+                "cannot cut a failed write off the segment nor record its valid length; the next start may replay those records"
+            ),
         }
     }
 

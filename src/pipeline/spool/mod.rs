@@ -212,6 +212,9 @@ impl Shared {
                 tracing::error!(segment = %seg.path.display(), error = %e, "cannot delete a settled spool segment; it will be replayed (harmlessly) on the next start");
             }
         }
+        // Rare (a failed write that could not be cut off), so looked for on every delete
+        // rather than tracked.
+        recovery::remove_marker(&*self.fs, &seg.path);
         self.readable.notify_one();
     }
 }

@@ -24,6 +24,18 @@ pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
+/// The marker of a segment whose tail could not be cut off after a failed write: it
+/// holds the segment's valid length, so the next start does not replay frames whose
+/// producers were told they failed. `DIR/<id>.seg.valid`.
+pub fn valid_marker_path(segment: &Path) -> PathBuf {
+    segment.with_extension("seg.valid")
+}
+
+/// The valid length a marker records, if there is a readable one.
+fn valid_length(segment: &Path) -> Option<u64> {
+    fs::read_to_string(valid_marker_path(segment)).ok()?.trim().parse().ok()
+}
+
 /// Creates the directory and takes the exclusive lock on `DIR/LOCK`, held for as long as
 /// the returned file is open.
 pub fn lock(dir: &Path) -> Result<File, SpoolError> {
@@ -115,7 +127,10 @@ fn walk(bytes: &[u8], base: u64) -> Checked {
 /// mid-write, damage on disk) is the rest of the file read into memory to resynchronise.
 /// `None` when it is not a segment; otherwise what is valid, and the file's length.
 fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u64)> {
-    let len = fs.len(path)?;
+    let on_disk = fs.len(path)?;
+    // Bytes past a valid-length marker were never acknowledged: they are not scanned,
+    // and the cut below removes them.
+    let len = valid_length(path).map_or(on_disk, |valid| valid.min(on_disk));
     let mut reader = BufReader::with_capacity(SCAN_BUFFER, fs.open(path)?);
     let mut magic = [0u8; MAGIC.len()];
     if len < MAGIC.len() as u64 {
@@ -143,7 +158,7 @@ fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u
         checked.corrupt_bytes += tail.corrupt_bytes;
         break;
     }
-    Ok((Some(checked), len))
+    Ok((Some(checked), on_disk))
 }
 
 /// Checks a segment found at start-up and truncates it after its last valid frame.
@@ -177,10 +192,16 @@ fn recover_segment(fs: &dyn Filesystem, path: &Path, stats: &SpoolStats) -> Opti
         );
     }
     if checked.bytes < len {
-        // If the cut fails, the segment is still read only up to its valid length.
-        if let Err(e) = fs.truncate(path, checked.bytes) {
-            tracing::warn!(segment = %path.display(), error = %e, "cannot cut the damaged tail off a spool segment");
+        // If the cut fails, the segment is still read only up to its valid length (and a
+        // marker, if any, is kept for the next start).
+        match fs.truncate(path, checked.bytes) {
+            Ok(()) => remove_marker(fs, path),
+            Err(e) => {
+                tracing::warn!(segment = %path.display(), error = %e, "cannot cut the damaged tail off a spool segment")
+            }
         }
+    } else {
+        remove_marker(fs, path);
     }
     Some(checked)
 }
@@ -208,6 +229,17 @@ fn set_aside(path: &Path, stats: &SpoolStats, error: &std::io::Error) {
 fn remove(fs: &dyn Filesystem, path: &Path) {
     if let Err(e) = fs.remove(path) {
         tracing::warn!(segment = %path.display(), error = %e, "cannot delete an empty or invalid spool segment");
+    }
+    remove_marker(fs, path);
+}
+
+/// Deletes a segment's valid-length marker, if it has one.
+pub(super) fn remove_marker(fs: &dyn Filesystem, segment: &Path) {
+    let marker = valid_marker_path(segment);
+    if let Err(e) = fs.remove(&marker) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(marker = %marker.display(), error = %e, "cannot delete a spool valid-length marker");
+        }
     }
 }
 
