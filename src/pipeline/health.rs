@@ -26,7 +26,8 @@ impl Health {
         }
     }
 
-    /// True while writes are failing, or the store is not ready yet.
+    /// True while writes are failing, and always while the store is not ready yet (the
+    /// writers rely on this to send memory records to the spool meanwhile).
     pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
     }

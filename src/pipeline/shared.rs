@@ -57,6 +57,9 @@ impl SpillCause {
     }
 }
 
+/// The spool reader's channel, which the writers take turns to receive from.
+pub(crate) type SpoolBatches = tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<Spooled>>>;
+
 pub(crate) struct Shared {
     pub(crate) queue: MemoryQueue,
     pub(crate) sink: Arc<dyn BatchSink>,
@@ -67,7 +70,7 @@ pub(crate) struct Shared {
     /// The disk spool, when configured.
     pub(crate) spool: Option<Spool>,
     /// Records read back from the spool, shared by the writers.
-    pub(crate) spool_batches: Option<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<Spooled>>>>,
+    pub(crate) spool_batches: Option<SpoolBatches>,
     /// Cancelled when shutdown begins.
     pub(crate) closing: CancellationToken,
     pub(crate) health: Health,

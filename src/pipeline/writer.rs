@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::envelope::{Batch, Envelope, Origin, Outcome};
-use super::shared::{Shared, SpillCause};
+use super::shared::{Shared, SpillCause, SpoolBatches};
 use super::spool::SpoolRef;
 use super::stats::DropReason;
 use crate::model::Interaction;
@@ -46,10 +46,7 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
     let Some(spool_batches) = shared.spool_batches.as_ref() else {
         return memory_batch(shared).await;
     };
-    // `None` from the spool means its reader stopped.
-    let spool = async {
-        spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect())
-    };
+    let spool = spool_batch(spool_batches);
     if *memory_done {
         return spool.await;
     }
@@ -71,7 +68,7 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
         Source::Memory(None) => {
             // Closed and drained: keep writing spooled records until the reader stops.
             *memory_done = true;
-            spool_batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect())
+            spool_batch(spool_batches).await
         }
         Source::Spool(None) => memory_batch(shared).await,
     }
@@ -80,6 +77,11 @@ async fn next_batch(shared: &Shared, prefer_spool: bool, memory_done: &mut bool)
 enum Source {
     Memory(Option<Batch>),
     Spool(Option<Batch>),
+}
+
+/// The next batch read back from the spool; `None` once its reader stopped.
+async fn spool_batch(batches: &SpoolBatches) -> Option<Batch> {
+    batches.lock().await.recv().await.map(|read| read.into_iter().map(Envelope::from_spool).collect())
 }
 
 /// The next memory batch; `None` once the queue is closed and drained.
@@ -100,13 +102,14 @@ async fn write(shared: &Shared, batch: Batch) {
     let mut parts: Vec<Vec<Envelope>> = vec![batch.envelopes];
     let mut attempt: u32 = 0;
     while let Some(part) = parts.pop() {
-        let Some(mut part) = wait_for_database(shared, part).await else { continue };
-        // While the database is down, memory records go to disk at once instead of
-        // waiting here; spool records are what probes for the database's return.
+        // While the database is down (or not reached yet since start-up), memory records
+        // go to disk at once instead of waiting here; spool records are what probes for
+        // the database's return.
         if shared.spool.is_some() && shared.health.is_down() && part.iter().all(Envelope::in_memory) {
             shared.spill(part, SpillCause::DatabaseDown);
             continue;
         }
+        let Some(mut part) = wait_for_database(shared, part).await else { continue };
         // The store takes a slice of records; the envelopes are split off and rejoined
         // so no record is cloned on the hot path.
         let (records, meta): (Vec<Interaction>, Vec<Meta>) = part
@@ -196,16 +199,12 @@ fn settle_spool(shared: &Shared, origins: impl Iterator<Item = Origin>) {
     }
 }
 
-/// Holds a part until start-up has reached the database (connected, migrated). Memory
-/// records meanwhile go to the spool; spooled ones wait, safe on disk. Returns the part
-/// when writing may go ahead, `None` when it was dealt with otherwise.
+/// Holds a part until start-up has reached the database (connected, migrated); it waits
+/// safe on disk, or (without a spool) in memory. Returns the part when writing may go
+/// ahead, `None` when shutdown dealt with it first.
 async fn wait_for_database(shared: &Shared, part: Vec<Envelope>) -> Option<Vec<Envelope>> {
     if shared.health.is_ready() {
         return Some(part);
-    }
-    if shared.spool.is_some() && part.iter().all(Envelope::in_memory) {
-        shared.spill(part, SpillCause::DatabaseDown);
-        return None;
     }
     tokio::select! {
         _ = shared.health.wait_ready() => Some(part),
