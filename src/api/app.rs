@@ -14,14 +14,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{router, AppState};
 use crate::config::{redact_url, Config, ConfigError};
-use crate::pipeline::{AuditLogger, ShutdownReport, Spool, SpoolError};
+use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::store::{self, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
@@ -228,8 +227,8 @@ async fn wait_for_database(
     in_flight: Option<JoinHandle<Result<(), String>>>,
     stop: CancellationToken,
 ) {
-    let mut delay = RETRY_FIRST;
     let mut attempts = 1u32;
+    let mut wait = backoff(0, RETRY_FIRST, RETRY_MAX);
     let mut attempt = in_flight;
     loop {
         let result = match attempt.take() {
@@ -239,11 +238,10 @@ async fn wait_for_database(
             },
             None => {
                 tokio::select! {
-                    _ = tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return,
                 }
                 attempts += 1;
-                delay = (delay * 2).min(RETRY_MAX);
                 tokio::select! {
                     result = prepare_database(store.clone(), migrate) => result,
                     _ = stop.cancelled() => return,
@@ -259,7 +257,8 @@ async fn wait_for_database(
             Err(reason) => {
                 // One line per attempt: the gaps grow to RETRY_MAX, so at most one a
                 // RETRY_MAX once the outage lasts.
-                tracing::warn!(attempts, retry_in = ?delay, reason = %reason, "database still not ready");
+                wait = backoff(attempts - 1, RETRY_FIRST, RETRY_MAX);
+                tracing::warn!(attempts, retry_in = ?wait, reason = %reason, "database still not ready");
                 logger.store_not_ready(&reason);
             }
         }

@@ -3,6 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
 
 use tokio::sync::watch;
 
@@ -75,4 +78,12 @@ impl Health {
     pub(crate) fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// How long to wait before retry number `attempt` (from 0) against a database that
+/// failed: `first`, doubling up to `max`, with ±50% jitter so that callers that failed
+/// together (writers, restarted services) do not all retry in the same instant.
+pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
+    let base = first.saturating_mul(1u32 << attempt.min(10)).min(max);
+    base.mul_f64(rand::rng().random_range(0.5..1.5))
 }

@@ -53,6 +53,7 @@ pub mod stats;
 mod writer;
 
 pub use envelope::{Batch, Envelope, Origin, Outcome};
+pub(crate) use health::backoff;
 pub use logger::{AuditLogger, Durable, NotDurable, ShutdownReport};
 pub use queue::MemoryQueue;
 pub use spool::{Spool, SpoolError, SpoolRef, SpoolStats, Spooled};

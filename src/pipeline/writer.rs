@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::time::Instant;
 
 use super::envelope::{Batch, Envelope, Origin, Outcome};
+use super::health::backoff;
 use super::shared::{Shared, SpillCause, SpoolBatches};
 use super::spool::SpoolRef;
 use super::stats::DropReason;
@@ -164,7 +164,7 @@ async fn write(shared: &Shared, batch: Batch) {
                 if shared.spool.is_some() {
                     shared.spill(shared.queue.drain_all(), SpillCause::DatabaseDown);
                 }
-                let delay = backoff(attempt);
+                let delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(records = envelopes.len(), attempt, retry_in = ?delay, error = %e, "audit batch write failed; retrying");
                 tokio::select! {
@@ -276,11 +276,4 @@ fn rejoin(records: Vec<Interaction>, meta: Vec<Meta>) -> Vec<Envelope> {
         .zip(meta)
         .map(|(record, m)| Envelope { record, enqueued_at: m.enqueued_at, on_commit: m.on_commit, origin: m.origin })
         .collect()
-}
-
-/// Exponential backoff with ±50% jitter, so writers that failed together do not all
-/// retry in the same instant.
-fn backoff(attempt: u32) -> Duration {
-    let base = BACKOFF_FIRST.saturating_mul(1u32 << attempt.min(10)).min(BACKOFF_MAX);
-    base.mul_f64(rand::rng().random_range(0.5..1.5))
 }
