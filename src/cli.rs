@@ -117,7 +117,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 /// Opens the configured store.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = config.database.resolved_url()?;
-    store::open(&config.database).await.with_context(|| format!("opening database {}", redact_url(&url)))
+    // The URL is resolved once (it may read a password file) and named in the error.
+    store::connect(&url, &config.database).await.with_context(|| format!("opening database {}", redact_url(&url)))
 }
 
 async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
