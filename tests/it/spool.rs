@@ -7,16 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::common::spool::{config, read_at_least, settle_all};
 use crate::common::wait_until;
 use opsagent_audit::config::{FullPolicy, SpoolConfig};
 use opsagent_audit::model::Interaction;
-use opsagent_audit::pipeline::{Spool, SpoolError, SpoolRef, Spooled};
-use tokio::sync::mpsc;
+use opsagent_audit::pipeline::{Spool, SpoolError};
 use uuid::Uuid;
-
-fn config(dir: &Path) -> SpoolConfig {
-    SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }
-}
 
 fn records(n: usize) -> Vec<Interaction> {
     (0..n).map(|i| Interaction::new(format!("question {i}: {}", "x".repeat(200)))).collect()
@@ -32,25 +28,6 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Reads `n` records back (bounded in time) and returns them with their segments.
-async fn read_n(rx: &mut mpsc::Receiver<Vec<Spooled>>, n: usize) -> Vec<(Interaction, SpoolRef)> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let batch = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} spooled records read back within 10 s", out.len()))
-            .expect("reader running");
-        out.extend(batch.into_iter().map(|s| (s.record, s.at)));
-    }
-    out
-}
-
-fn settle_all(spool: &Spool, read: &[(Interaction, SpoolRef)]) {
-    for (_, at) in read {
-        spool.settle(*at, 1);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_come_back_in_order_and_settled_segments_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,10 +40,10 @@ async fn records_come_back_in_order_and_settled_segments_are_deleted() {
     assert!(segments(dir.path()).len() > 3, "several segments: {:?}", segments(dir.path()));
 
     let mut rx = spool.start_reader(64);
-    let read = read_n(&mut rx, 300).await;
-    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    let read = read_at_least(&mut rx, 300).await;
+    let ids: Vec<Uuid> = read.iter().map(|s| s.record.interaction_id).collect();
     assert_eq!(ids, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>(), "same records, same order");
-    assert_eq!(read[7].0, sent[7], "records round-trip unchanged");
+    assert_eq!(read[7].record, sent[7], "records round-trip unchanged");
 
     // Nothing is deleted before it is acknowledged.
     assert!(!segments(dir.path()).is_empty());
@@ -88,15 +65,15 @@ async fn unacknowledged_records_are_replayed_after_reopening() {
         }
         // Read some and acknowledge only the first 20, then stop.
         let mut rx = spool.start_reader(10);
-        let read = read_n(&mut rx, 30).await;
+        let read = read_at_least(&mut rx, 30).await;
         settle_all(&spool, &read[..20]);
         spool.close().await;
     }
     let spool = Spool::open(&config(dir.path()), 1000).unwrap();
     assert_eq!(spool.stats().records.load(Ordering::Relaxed), 50, "a segment is kept whole until all of it settles");
     let mut rx = spool.start_reader(100);
-    let read = read_n(&mut rx, 50).await;
-    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    let read = read_at_least(&mut rx, 50).await;
+    let ids: Vec<Uuid> = read.iter().map(|s| s.record.interaction_id).collect();
     assert_eq!(ids, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>());
     spool.close().await;
 }
@@ -116,10 +93,10 @@ async fn spool_with(dir: &Path, sent: &[Interaction]) -> PathBuf {
 async fn reopen_and_read(dir: &Path, expect: usize) -> (Spool, Vec<Interaction>) {
     let spool = Spool::open(&config(dir), 1000).expect("a corrupt tail is never a start-up failure");
     let mut rx = spool.start_reader(1000);
-    let read = read_n(&mut rx, expect).await;
+    let read = read_at_least(&mut rx, expect).await;
     // Nothing more arrives.
     assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err());
-    (spool, read.into_iter().map(|(r, _)| r).collect())
+    (spool, read.into_iter().map(|s| s.record).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,8 +183,8 @@ async fn a_segment_deleted_under_the_spool_is_skipped_and_its_records_counted() 
 
     let mut rx = spool.start_reader(64);
     let rest = 300 - lost.records as usize;
-    let read = read_n(&mut rx, rest).await;
-    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    let read = read_at_least(&mut rx, rest).await;
+    let ids: Vec<Uuid> = read.iter().map(|s| s.record.interaction_id).collect();
     let expected: Vec<Uuid> = sent[lost.records as usize..].iter().map(|r| r.interaction_id).collect();
     assert_eq!(ids, expected, "the segments after it, in order");
     settle_all(&spool, &read);
@@ -296,8 +273,8 @@ async fn full_with_drop_oldest_keeps_the_newest_and_counts_the_rest() {
     assert!(dropped > 0);
     assert_eq!(dropped + kept, 3000, "every record is either kept or counted as dropped");
     let mut rx = spool.start_reader(5000);
-    let read = read_n(&mut rx, kept as usize).await;
-    let ids: Vec<Uuid> = read.iter().map(|(r, _)| r.interaction_id).collect();
+    let read = read_at_least(&mut rx, kept as usize).await;
+    let ids: Vec<Uuid> = read.iter().map(|s| s.record.interaction_id).collect();
     let newest: Vec<Uuid> = sent[3000 - kept as usize..].iter().map(|r| r.interaction_id).collect();
     assert_eq!(ids, newest, "the survivors are the newest, in order");
     spool.close().await;
@@ -349,9 +326,9 @@ async fn full_with_block_waits_for_room_then_takes_the_record() {
     // Committing (acknowledging) frees room; everything gets through, in order.
     let mut seen = Vec::new();
     while seen.len() < sent.len() {
-        let read = read_n(&mut rx, 1).await;
+        let read = read_at_least(&mut rx, 1).await;
         settle_all(&spool, &read);
-        seen.extend(read.into_iter().map(|(r, _)| r.interaction_id));
+        seen.extend(read.into_iter().map(|s| s.record.interaction_id));
     }
     appender.await.unwrap();
     assert_eq!(seen, sent.iter().map(|r| r.interaction_id).collect::<Vec<_>>());

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::common::spool::{config, read_n, settle_all, PATIENCE};
 use opsagent_audit::config::{FullPolicy, SpoolConfig};
 use opsagent_audit::model::{Interaction, Status};
 use opsagent_audit::pipeline::spool::frame::{self, Corruption, Decoded, HEADER, MAGIC};
@@ -36,9 +37,6 @@ use proptest::sample::Index;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-/// How long a read waits when the model says a record must come (the reader retries a
-/// failed read after 1 s, e.g. a segment evicted under it).
-const PATIENCE: Duration = Duration::from_secs(10);
 /// How long a read waits when nothing has to come.
 const GLANCE: Duration = Duration::from_millis(30);
 /// How long a record that must not come is waited for.
@@ -54,10 +52,6 @@ const EIO: i32 = 5;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-fn config(dir: &Path) -> SpoolConfig {
-    SpoolConfig { dir: dir.to_path_buf(), ..SpoolConfig::default() }
-}
 
 fn records(n: usize) -> Vec<Interaction> {
     (0..n).map(|i| Interaction::new(format!("question {i}: {}", "x".repeat(100)))).collect()
@@ -98,35 +92,11 @@ fn flip_byte(path: &Path, at: u64, mask: u8) {
     file.sync_all().unwrap();
 }
 
-/// Receives batches until `n` records arrived, or fails after [`PATIENCE`].
-async fn read_n(rx: &mut mpsc::Receiver<Vec<Spooled>>, n: usize) -> Vec<Spooled> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let batch = tokio::time::timeout(PATIENCE, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} spooled records read back within {PATIENCE:?}", out.len()))
-            .expect("the reader is running");
-        out.extend(batch);
-    }
-    assert_eq!(out.len(), n, "more records read back than expected");
-    out
-}
-
 /// Asserts that no further batch arrives for a while.
 async fn nothing_more(rx: &mut mpsc::Receiver<Vec<Spooled>>) {
     if let Ok(Some(batch)) = tokio::time::timeout(QUIET, rx.recv()).await {
         let questions: Vec<&str> = batch.iter().map(|s| s.record.question.as_str()).collect();
         panic!("unexpected records read back: {questions:?}");
-    }
-}
-
-fn settle_all(spool: &Spool, read: &[Spooled]) {
-    let mut per_segment: BTreeMap<SpoolRef, u64> = BTreeMap::new();
-    for s in read {
-        *per_segment.entry(s.at).or_default() += 1;
-    }
-    for (at, n) in per_segment {
-        spool.settle(at, n);
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod pg_cluster;
 pub mod server;
+pub mod spool;
 
 use std::sync::Arc;
 use std::time::Duration;
