@@ -104,3 +104,13 @@ pub fn read_frame(reader: &mut impl Read, available: u64) -> io::Result<Result<V
     }
     Ok(Ok(payload))
 }
+
+/// Reads bytes `from..until` of a file into memory: the rest of a segment after a corrupt
+/// frame, to resynchronise on the next valid one.
+pub fn read_range(fs: &dyn Filesystem, path: &Path, from: u64, until: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut file = fs.open(path)?;
+    file.seek(io::SeekFrom::Start(from))?;
+    file.take(until.saturating_sub(from)).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}

@@ -10,7 +10,7 @@
 //! disk: `drop_oldest` may evict a segment meanwhile, and each of its records must then be
 //! counted once, as dropped (not yet in the channel) or as read (the writers have it).
 
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::frame::{self, Corruption, HEADER, MAGIC};
-use super::io::{read_frame, ReadFile};
+use super::io::{read_frame, read_range, ReadFile};
 use super::ledger::Segment;
 use super::{sub_saturating, Shared, SpoolRef, Spooled};
 use crate::model::Interaction;
@@ -204,10 +204,7 @@ impl Reader {
                     }
                     Err(why) => {
                         // Read the rest of the durable range and look for the next frame.
-                        let mut rest = Vec::new();
-                        let mut file = fs.open(&path)?;
-                        file.seek(SeekFrom::Start(offset))?;
-                        file.take(until - offset).read_to_end(&mut rest)?;
+                        let rest = read_range(&*fs, &path, offset, until)?;
                         let skip = frame::resync(&rest).unwrap_or(rest.len()) as u64;
                         return Ok(Chunk { reader: None, offset: offset + skip, payloads, skipped: Some((why, skip)) });
                     }

@@ -7,12 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use super::frame::{self, Decoded, HEADER, MAGIC};
-use super::io::{read_frame, Filesystem};
+use super::io::{read_frame, read_range, Filesystem};
 use super::ledger::{Ledger, Segment};
 use super::{SpoolError, SpoolStats};
 
@@ -147,10 +147,7 @@ fn scan(fs: &dyn Filesystem, path: &Path) -> std::io::Result<(Option<Checked>, u
             checked.records += 1;
             continue;
         }
-        let mut rest = Vec::new();
-        let mut file = fs.open(path)?;
-        file.seek(SeekFrom::Start(checked.bytes))?;
-        file.take(len - checked.bytes).read_to_end(&mut rest)?;
+        let rest = read_range(fs, path, checked.bytes, len)?;
         let tail = walk(&rest, checked.bytes);
         checked.bytes = tail.bytes;
         checked.records += tail.records;
