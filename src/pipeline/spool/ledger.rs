@@ -98,16 +98,6 @@ impl Ledger {
         self.segments.get(&id)
     }
 
-    /// Number of live segments.
-    pub fn len(&self) -> usize {
-        self.segments.len()
-    }
-
-    /// True when there are no live segments.
-    pub fn is_empty(&self) -> bool {
-        self.segments.is_empty()
-    }
-
     /// The oldest live segment with an id of at least `from`.
     pub fn first_from(&self, from: u64) -> Option<u64> {
         self.segments.range(from..).next().map(|(&id, _)| id)
