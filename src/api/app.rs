@@ -66,7 +66,8 @@ pub enum AppError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    startup: JoinHandle<()>,
+    /// The background task waiting for the database, when start-up did not reach it.
+    startup: Option<JoinHandle<()>>,
     stop_startup: CancellationToken,
 }
 
@@ -93,9 +94,7 @@ impl Application {
         let migrate = config.database.migrate_on_start;
         let mut in_flight = tokio::spawn(prepare_database(store.clone(), migrate));
         let (in_flight, not_ready) = match tokio::time::timeout(FIRST_ATTEMPT, &mut in_flight).await {
-            Ok(Ok(Ok(()))) => (None, None),
-            Ok(Ok(Err(reason))) => (None, Some(reason)),
-            Ok(Err(e)) => (None, Some(format!("start-up task failed: {e}"))),
+            Ok(joined) => (None, attempt_result(joined).err()),
             Err(_) => {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
@@ -105,7 +104,7 @@ impl Application {
         let startup = match not_ready {
             None => {
                 tracing::info!(migrate, "database ready");
-                tokio::spawn(async {})
+                None
             }
             Some(reason) => {
                 tracing::warn!(
@@ -114,7 +113,7 @@ impl Application {
                     "database not ready at start-up; serving anyway, retrying in the background"
                 );
                 let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop_startup.clone());
-                tokio::spawn(task)
+                Some(tokio::spawn(task))
             }
         };
         tracing::info!(
@@ -153,7 +152,9 @@ impl Application {
         let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
         tracing::info!("stopped accepting requests; draining the audit pipeline");
         stop_startup.cancel();
-        let _ = startup.await;
+        if let Some(startup) = startup {
+            let _ = startup.await;
+        }
         let report = logger.shutdown(shutdown_timeout).await;
         store.close().await;
         if report.abandoned > 0 {
@@ -201,6 +202,11 @@ async fn start_pipeline(
     })
 }
 
+/// What a [`prepare_database`] task came to, a task that died counting as a failure.
+fn attempt_result(joined: Result<Result<(), String>, tokio::task::JoinError>) -> Result<(), String> {
+    joined.unwrap_or_else(|e| Err(format!("start-up task failed: {e}")))
+}
+
 /// Gets the database ready for writes: migrates it, or (without `migrate`) checks that
 /// every migration is applied. The error says why not, for logs and `/readyz`.
 async fn prepare_database(store: Arc<dyn Store>, migrate: bool) -> Result<(), String> {
@@ -233,7 +239,7 @@ async fn wait_for_database(
     loop {
         let result = match attempt.take() {
             Some(task) => tokio::select! {
-                joined = task => joined.unwrap_or_else(|e| Err(format!("start-up task failed: {e}"))),
+                joined = task => attempt_result(joined),
                 _ = stop.cancelled() => return,
             },
             None => {
