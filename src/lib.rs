@@ -2,10 +2,11 @@
 //!
 //! Records flow one way: capture ([`ingest`], or [`pipeline::AuditLogger::log`] from a
 //! Rust program) → sanitise → [`pipeline`] (queue, batching writers, spool) → [`store`]
-//! (PostgreSQL or SQLite). Reads go [`api`] → [`store`].
+//! (PostgreSQL or SQLite). Reads go [`api`] → [`query`] → [`store`]; exports are
+//! encoded by [`export`].
 //!
-//! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] → [`ingest`] →
-//! [`pipeline`] → [`store`] → [`model`] and [`config`].
+//! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] → [`ingest`],
+//! [`query`] and [`export`] → [`pipeline`] → [`store`] → [`model`] and [`config`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,4 +17,5 @@ pub mod config;
 pub mod ingest;
 pub mod model;
 pub mod pipeline;
+pub mod query;
 pub mod store;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,13 +13,13 @@ use serde_json::json;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
-use crate::model::id_from_key;
 use crate::pipeline::AuditLogger;
 use crate::store::Store;
 
 mod app;
 mod error;
 mod ingest;
+mod read;
 
 pub use app::{AppError, Application};
 pub use error::{ApiError, ErrorBody};
@@ -42,8 +42,12 @@ pub struct AppState {
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/interactions", post(ingest::post_interactions))
-        .route("/api/v1/interactions/{interaction_id}", get(get_interaction))
+        .route("/api/v1/interactions", post(ingest::post_interactions).get(read::list))
+        .route("/api/v1/interactions/{interaction_id}", get(read::interaction))
+        .route("/api/v1/sessions/{session_id}", get(read::session))
+        .route("/api/v1/dead-letters", get(read::dead_letters))
+        .route("/api/v1/stats", get(read::stats))
+        .route("/api/v1/stats/overview", get(read::overview))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -114,10 +118,4 @@ async fn readyz(State(app): State<AppState>) -> Response {
         Ok(Err(e)) => unavailable(e.to_string()),
         Err(_) => unavailable(format!("no answer within {READINESS_PROBE:?}")),
     }
-}
-
-/// One interaction in full.
-async fn get_interaction(State(app): State<AppState>, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let record = app.store.get_interaction(id_from_key(&key)).await?;
-    Ok(Json(record).into_response())
 }

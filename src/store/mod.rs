@@ -16,14 +16,22 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 use uuid::Uuid;
 
 use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use crate::model::Interaction;
 
+pub mod filter;
 pub mod postgres;
+mod read;
 pub mod rows;
+mod sql;
 pub mod sqlite;
+
+pub use filter::{
+    Bucket, Filter, FrequentQuestion, GroupBy, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow,
+};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -204,8 +212,30 @@ pub trait Store: BatchSink {
     /// Number of stored interactions.
     async fn count_interactions(&self) -> Result<u64, StoreError>;
 
-    /// The most recent dead letters, newest first.
-    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError>;
+    /// A page of interactions matching `filter`, newest first, starting after `after`.
+    async fn list_interactions(
+        &self,
+        filter: &Filter,
+        after: Option<Keyset>,
+        limit: u32,
+    ) -> Result<Page<InteractionSummary>, StoreError>;
+
+    /// A session and its first `limit` interactions in full, in the order they happened.
+    async fn get_session(&self, session_id: Uuid, limit: u32) -> Result<SessionView, StoreError>;
+
+    /// Counts, error rates, duration percentiles and token sums, computed by the database.
+    async fn stats(&self, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError>;
+
+    /// The questions asked most often (case and white space normalised).
+    async fn frequent_questions(&self, filter: &Filter, limit: u32) -> Result<Vec<FrequentQuestion>, StoreError>;
+
+    /// A page of dead letters, newest first, starting after `before`.
+    async fn list_dead_letters(&self, before: Option<Keyset>, limit: u32) -> Result<Page<DeadLetter>, StoreError>;
+
+    /// Every interaction matching `filter` in full, oldest first, streamed from one
+    /// statement in constant memory (rows are read off the connection as the stream is
+    /// polled; the connection is held until the stream ends or is dropped).
+    fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>>;
 
     /// Closes the connections.
     async fn close(&self);

@@ -11,13 +11,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::Connection;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Arguments, Connection};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
+use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
+use super::read::{self, Fetch, ReadRow};
+use super::rows::{COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
+use super::sql::{Param, Sql};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -28,6 +32,8 @@ use crate::model::{Interaction, Thought, ToolCall};
 /// How long an operation waits for a pooled connection before the database counts as
 /// unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rows an export runs ahead of its reader.
+const STREAM_BUFFER: usize = 256;
 /// How long the direct connection that explains a pool timeout may take.
 const CONNECT_PROBE: Duration = Duration::from_secs(3);
 
@@ -300,7 +306,7 @@ impl Store for PostgresStore {
 
     #[instrument(skip(self))]
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
-        read_interaction!(&self.pool, interaction_id, classify)
+        read::interaction(self, interaction_id).await
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
@@ -308,11 +314,95 @@ impl Store for PostgresStore {
         Ok(n as u64)
     }
 
-    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
-        read_dead_letters!(&self.pool, limit, classify)
+    #[instrument(skip_all)]
+    async fn list_interactions(
+        &self,
+        filter: &Filter,
+        after: Option<Keyset>,
+        limit: u32,
+    ) -> Result<Page<InteractionSummary>, StoreError> {
+        read::page(self, filter, after, limit).await
+    }
+
+    #[instrument(skip(self))]
+    async fn get_session(&self, session_id: Uuid, limit: u32) -> Result<SessionView, StoreError> {
+        read::session(self, session_id, limit).await
+    }
+
+    #[instrument(skip_all)]
+    async fn stats(&self, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError> {
+        read::stats(self, request).await
+    }
+
+    #[instrument(skip_all)]
+    async fn frequent_questions(&self, filter: &Filter, limit: u32) -> Result<Vec<FrequentQuestion>, StoreError> {
+        read::frequent_questions(self, filter, limit).await
+    }
+
+    async fn list_dead_letters(&self, before: Option<Keyset>, limit: u32) -> Result<Page<DeadLetter>, StoreError> {
+        read::dead_letters(self, before, limit).await
+    }
+
+    fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
+        read::export(self, filter)
     }
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The bound values of a statement, as PostgreSQL types.
+fn arguments(params: Vec<Param>) -> Result<PgArguments, StoreError> {
+    let mut args = PgArguments::default();
+    for param in params {
+        match param {
+            Param::Text(v) => args.add(v),
+            Param::Int(v) => args.add(v),
+            Param::Time(v) => args.add(v),
+            Param::Uuid(v) => args.add(v),
+        }
+        .map_err(StoreError::Other)?;
+    }
+    Ok(args)
+}
+
+#[async_trait]
+impl Fetch for PostgresStore {
+    fn dialect(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn fetch_all<R: ReadRow>(&self, sql: Sql) -> Result<Vec<R>, StoreError> {
+        let args = arguments(sql.params)?;
+        match sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch_all(&self.pool).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => Err(self.explain_timeout(classify(e)).await),
+        }
+    }
+
+    fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>> {
+        let pool = self.pool.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        // The statement borrows its text, so it runs in a task that owns both; rows
+        // reach the reader through a short channel, and a reader that goes away stops
+        // the query at the next row.
+        tokio::spawn(async move {
+            let args = match arguments(sql.params) {
+                Ok(args) => args,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut rows = sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch(&pool);
+            while let Some(row) = rows.next().await {
+                let failed = row.is_err();
+                if tx.send(row.map_err(classify)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
     }
 }

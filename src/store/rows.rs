@@ -1,47 +1,17 @@
 //! Rows read back from either database, mapped once.
 //!
-//! The SQL here is written in the subset both dialects accept: `$1` placeholders (SQLite
-//! reads `$N` as parameter N), and ids and JSON selected `CAST(… AS TEXT)` so one row
-//! type decodes from PostgreSQL's `uuid`/`jsonb` and SQLite's `TEXT` alike. Each backend
-//! binds the id its own way (a `uuid`, or its text) and runs these statements; the
-//! conversion into [`Interaction`] and [`DeadLetter`], with its checks, happens here.
-//! A stored value that does not parse is a [`StoreError::Decode`], never another value.
-
-use std::collections::BTreeMap;
+//! The statements (built in `sql`) select ids and JSON `CAST(… AS TEXT)` and an
+//! interaction's children as JSON text, so one row type decodes from PostgreSQL's
+//! `uuid`/`jsonb` and SQLite's `TEXT` alike. The conversion into the public types, with
+//! its checks, happens here: a stored value that does not parse is a
+//! [`StoreError::Decode`], never another value.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::filter::{FrequentQuestion, InteractionSummary, Keyset, SessionView, StatsRow};
 use super::{DeadLetter, StoreError};
-use crate::model::{Interaction, Status, Thought, ToolCall};
-
-/// One interaction with its session's client details, by `interaction_id` ($1).
-pub const SELECT_INTERACTION: &str = "\
-SELECT CAST(i.interaction_id AS TEXT) AS interaction_id, CAST(i.session_id AS TEXT) AS session_id,
-    i.user_id, s.client_ip, s.user_agent, i.created_at, i.endpoint, i.question, i.model_name,
-    i.provider, i.base_url, i.cluster, i.final_answer, i.status, i.error, i.http_status,
-    i.total_duration_ms, i.assistant_duration_ms, i.parse_duration_ms, i.input_tokens,
-    i.output_tokens, CAST(i.attributes AS TEXT) AS attributes
-FROM interactions i LEFT JOIN sessions s ON s.session_id = i.session_id
-WHERE i.interaction_id = $1";
-
-/// An interaction's thoughts in order ($1: `interaction_id`).
-pub const SELECT_THOUGHTS: &str = "\
-SELECT thought, sequence_number FROM thoughts WHERE interaction_id = $1 ORDER BY sequence_number, id";
-
-/// An interaction's tool calls in order ($1: `interaction_id`).
-pub const SELECT_TOOL_CALLS: &str = "\
-SELECT tool_name, tool_input, tool_observation, sequence_number, duration_ms, thought_sequence_number, error
-FROM tool_calls WHERE interaction_id = $1 ORDER BY sequence_number, id";
-
-/// An interaction's performance metrics ($1: `interaction_id`).
-pub const SELECT_METRICS: &str = "\
-SELECT metric_name, duration_ms FROM performance_metrics WHERE interaction_id = $1";
-
-/// The newest dead letters ($1: limit).
-pub const SELECT_DEAD_LETTERS: &str = "\
-SELECT CAST(interaction_id AS TEXT) AS interaction_id, record, error, attempts, failed_at
-FROM dead_letters ORDER BY failed_at DESC, id DESC LIMIT $1";
+use crate::model::{Interaction, Status};
 
 /// The migrations recorded as applied.
 pub const SELECT_APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
@@ -49,10 +19,12 @@ pub const SELECT_APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migration
 /// Number of interactions.
 pub const COUNT_INTERACTIONS: &str = "SELECT count(*) FROM interactions";
 
-/// A row of [`SELECT_INTERACTION`].
+/// An interaction in full: its columns, its session's client details and its children
+/// as JSON text.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]
-pub struct InteractionRow {
+pub struct FullRow {
+    pub id: i64,
     pub interaction_id: String,
     pub session_id: String,
     pub user_id: Option<String>,
@@ -75,41 +47,78 @@ pub struct InteractionRow {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub attributes: String,
+    pub thoughts: String,
+    pub tool_calls: String,
+    pub metrics: String,
 }
 
-/// A row of [`SELECT_THOUGHTS`].
+/// An interaction in a list.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]
-pub struct ThoughtRow {
-    pub thought: Option<String>,
-    pub sequence_number: i32,
-}
-
-/// A row of [`SELECT_TOOL_CALLS`].
-#[derive(Debug, sqlx::FromRow)]
-#[allow(missing_docs)]
-pub struct ToolCallRow {
-    pub tool_name: String,
-    pub tool_input: String,
-    pub tool_observation: Option<String>,
-    pub sequence_number: i32,
-    pub duration_ms: Option<i64>,
-    pub thought_sequence_number: Option<i32>,
+pub struct SummaryRow {
+    pub id: i64,
+    pub interaction_id: String,
+    pub session_id: String,
+    pub user_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub endpoint: Option<String>,
+    pub question: String,
+    pub model_name: Option<String>,
+    pub provider: Option<String>,
+    pub cluster: Option<String>,
+    pub final_answer: Option<String>,
+    pub status: String,
     pub error: Option<String>,
+    pub http_status: Option<i32>,
+    pub total_duration_ms: Option<i64>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub tool_call_count: i64,
+    pub thought_count: i64,
 }
 
-/// A row of [`SELECT_METRICS`].
+/// A session's own row.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]
-pub struct MetricRow {
-    pub metric_name: String,
-    pub duration_ms: i64,
+pub struct SessionRow {
+    pub session_id: String,
+    pub user_id: Option<String>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub interaction_count: i64,
 }
 
-/// A row of [`SELECT_DEAD_LETTERS`].
+/// One group of a stats query; the bucket is RFC 3339 text in both dialects.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct StatsRowRaw {
+    pub key: Option<String>,
+    pub bucket: Option<String>,
+    pub count: i64,
+    pub error_count: Option<i64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+}
+
+/// A normalised question and how often it was asked.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct QuestionRow {
+    pub question: String,
+    pub count: i64,
+    pub last_asked: DateTime<Utc>,
+}
+
+/// A dead letter.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]
 pub struct DeadLetterRow {
+    pub id: i64,
     pub interaction_id: String,
     pub record: String,
     pub error: String,
@@ -121,16 +130,21 @@ fn uuid(column: &'static str, text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| StoreError::Decode { column, message: format!("`{text}`: {e}") })
 }
 
-impl TryFrom<InteractionRow> for Interaction {
+fn status(text: &str) -> Result<Status, StoreError> {
+    Status::parse(text).ok_or_else(|| StoreError::Decode {
+        column: "interactions.status",
+        message: format!("`{text}` is not a known status"),
+    })
+}
+
+fn json<T: serde::de::DeserializeOwned>(column: &'static str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Decode { column, message: e.to_string() })
+}
+
+impl TryFrom<FullRow> for Interaction {
     type Error = StoreError;
 
-    fn try_from(row: InteractionRow) -> Result<Interaction, StoreError> {
-        let status = Status::parse(&row.status).ok_or_else(|| StoreError::Decode {
-            column: "interactions.status",
-            message: format!("`{}` is not a known status", row.status),
-        })?;
-        let attributes = serde_json::from_str(&row.attributes)
-            .map_err(|e| StoreError::Decode { column: "interactions.attributes", message: e.to_string() })?;
+    fn try_from(row: FullRow) -> Result<Interaction, StoreError> {
         Ok(Interaction {
             interaction_id: uuid("interactions.interaction_id", &row.interaction_id)?,
             session_id: uuid("interactions.session_id", &row.session_id)?,
@@ -144,116 +158,113 @@ impl TryFrom<InteractionRow> for Interaction {
             provider: row.provider,
             base_url: row.base_url,
             cluster: row.cluster,
-            thoughts: Vec::new(),
-            tool_calls: Vec::new(),
+            thoughts: json("thoughts", &row.thoughts)?,
+            tool_calls: json("tool_calls", &row.tool_calls)?,
             final_answer: row.final_answer,
-            status,
+            status: status(&row.status)?,
             error: row.error,
             http_status: row.http_status,
             total_duration_ms: row.total_duration_ms,
             assistant_duration_ms: row.assistant_duration_ms,
             parse_duration_ms: row.parse_duration_ms,
-            metrics: BTreeMap::new(),
+            metrics: json("performance_metrics", &row.metrics)?,
             input_tokens: row.input_tokens,
             output_tokens: row.output_tokens,
-            attributes,
+            attributes: json("interactions.attributes", &row.attributes)?,
         })
     }
 }
 
-impl From<ThoughtRow> for Thought {
-    fn from(row: ThoughtRow) -> Thought {
-        Thought { content: row.thought.unwrap_or_default(), sequence_number: row.sequence_number }
-    }
-}
-
-impl From<ToolCallRow> for ToolCall {
-    fn from(row: ToolCallRow) -> ToolCall {
-        ToolCall {
-            tool_name: row.tool_name,
-            tool_input: row.tool_input,
-            tool_observation: row.tool_observation,
-            sequence_number: row.sequence_number,
-            duration_ms: row.duration_ms,
-            thought_sequence_number: row.thought_sequence_number,
+impl SummaryRow {
+    /// The summary and its position in the list.
+    pub fn into_summary(self) -> Result<(InteractionSummary, Keyset), StoreError> {
+        let row = self;
+        let keyset = Keyset { created_at: row.created_at, id: row.id };
+        let summary = InteractionSummary {
+            interaction_id: uuid("interactions.interaction_id", &row.interaction_id)?,
+            session_id: uuid("interactions.session_id", &row.session_id)?,
+            user_id: row.user_id,
+            created_at: row.created_at,
+            endpoint: row.endpoint,
+            question: row.question,
+            model_name: row.model_name,
+            provider: row.provider,
+            cluster: row.cluster,
+            final_answer: row.final_answer,
+            status: status(&row.status)?,
             error: row.error,
-        }
+            http_status: row.http_status,
+            total_duration_ms: row.total_duration_ms,
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            tool_call_count: row.tool_call_count,
+            thought_count: row.thought_count,
+        };
+        Ok((summary, keyset))
     }
 }
 
-impl TryFrom<DeadLetterRow> for DeadLetter {
+impl SessionRow {
+    /// The session with its interactions.
+    pub fn into_view(self, interactions: Vec<Interaction>) -> Result<SessionView, StoreError> {
+        Ok(SessionView {
+            session_id: uuid("sessions.session_id", &self.session_id)?,
+            user_id: self.user_id,
+            client_ip: self.client_ip,
+            user_agent: self.user_agent,
+            created_at: self.created_at,
+            interaction_count: self.interaction_count,
+            interactions,
+        })
+    }
+}
+
+impl TryFrom<StatsRowRaw> for StatsRow {
     type Error = StoreError;
 
-    fn try_from(row: DeadLetterRow) -> Result<DeadLetter, StoreError> {
-        Ok(DeadLetter {
-            interaction_id: uuid("dead_letters.interaction_id", &row.interaction_id)?,
-            record: row.record,
-            error: row.error,
-            attempts: row.attempts,
-            failed_at: row.failed_at,
+    fn try_from(row: StatsRowRaw) -> Result<StatsRow, StoreError> {
+        let bucket = row
+            .bucket
+            .map(|text| {
+                DateTime::parse_from_rfc3339(&text)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| StoreError::Decode { column: "bucket", message: format!("`{text}`: {e}") })
+            })
+            .transpose()?;
+        let error_count = row.error_count.unwrap_or(0);
+        Ok(StatsRow {
+            key: row.key,
+            bucket,
+            count: row.count,
+            error_count,
+            error_rate: if row.count > 0 { error_count as f64 / row.count as f64 } else { 0.0 },
+            p50_ms: row.p50_ms,
+            p95_ms: row.p95_ms,
+            p99_ms: row.p99_ms,
+            mean_ms: row.mean_ms,
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
         })
     }
 }
 
-/// Puts an interaction row and its children together.
-pub fn assemble(
-    row: InteractionRow,
-    thoughts: Vec<ThoughtRow>,
-    tool_calls: Vec<ToolCallRow>,
-    metrics: Vec<MetricRow>,
-) -> Result<Interaction, StoreError> {
-    let mut record = Interaction::try_from(row)?;
-    record.thoughts = thoughts.into_iter().map(Thought::from).collect();
-    record.tool_calls = tool_calls.into_iter().map(ToolCall::from).collect();
-    record.metrics = metrics.into_iter().map(|m| (m.metric_name, m.duration_ms)).collect();
-    Ok(record)
+impl From<QuestionRow> for FrequentQuestion {
+    fn from(row: QuestionRow) -> FrequentQuestion {
+        FrequentQuestion { question: row.question, count: row.count, last_asked: row.last_asked }
+    }
 }
 
-/// Reads one interaction in full with the shared statements; `$pool` is the backend's
-/// pool, `$id` the id bound as the backend stores it, `$classify` its error mapping.
-/// A macro rather than a generic function: sqlx's executor bounds over two databases
-/// would be longer than the four statements they abstract.
-macro_rules! read_interaction {
-    ($pool:expr, $id:expr, $classify:expr) => {{
-        use $crate::store::rows;
-        let row = sqlx::query_as::<_, rows::InteractionRow>(rows::SELECT_INTERACTION)
-            .bind($id)
-            .fetch_optional($pool)
-            .await
-            .map_err($classify)?
-            .ok_or($crate::store::StoreError::NotFound)?;
-        let thoughts = sqlx::query_as::<_, rows::ThoughtRow>(rows::SELECT_THOUGHTS)
-            .bind($id)
-            .fetch_all($pool)
-            .await
-            .map_err($classify)?;
-        let tool_calls = sqlx::query_as::<_, rows::ToolCallRow>(rows::SELECT_TOOL_CALLS)
-            .bind($id)
-            .fetch_all($pool)
-            .await
-            .map_err($classify)?;
-        let metrics = sqlx::query_as::<_, rows::MetricRow>(rows::SELECT_METRICS)
-            .bind($id)
-            .fetch_all($pool)
-            .await
-            .map_err($classify)?;
-        rows::assemble(row, thoughts, tool_calls, metrics)
-    }};
+impl DeadLetterRow {
+    /// The dead letter and its position in the newest-first list.
+    pub fn into_letter(self) -> Result<(DeadLetter, Keyset), StoreError> {
+        let keyset = Keyset { created_at: self.failed_at, id: self.id };
+        let letter = DeadLetter {
+            interaction_id: uuid("dead_letters.interaction_id", &self.interaction_id)?,
+            record: self.record,
+            error: self.error,
+            attempts: self.attempts,
+            failed_at: self.failed_at,
+        };
+        Ok((letter, keyset))
+    }
 }
-pub(crate) use read_interaction;
-
-/// Reads the newest dead letters with the shared statement.
-macro_rules! read_dead_letters {
-    ($pool:expr, $limit:expr, $classify:expr) => {{
-        use $crate::store::rows;
-        sqlx::query_as::<_, rows::DeadLetterRow>(rows::SELECT_DEAD_LETTERS)
-            .bind(i64::from($limit))
-            .fetch_all($pool)
-            .await
-            .map_err($classify)?
-            .into_iter()
-            .map($crate::store::DeadLetter::try_from)
-            .collect()
-    }};
-}
-pub(crate) use read_dead_letters;

@@ -12,14 +12,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures::stream::{BoxStream, StreamExt};
 use serde_json::json;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Arguments;
 use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{read_dead_letters, read_interaction, COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
+use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
+use super::read::{self, Fetch, ReadRow};
+use super::rows::{COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
+use super::sql::{Param, Sql};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -286,8 +293,7 @@ impl Store for SqliteStore {
 
     #[instrument(skip(self))]
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
-        let id = interaction_id.to_string();
-        read_interaction!(&self.pool, &id, classify)
+        read::interaction(self, interaction_id).await
     }
 
     async fn count_interactions(&self) -> Result<u64, StoreError> {
@@ -295,11 +301,94 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
-        read_dead_letters!(&self.pool, limit, classify)
+    #[instrument(skip_all)]
+    async fn list_interactions(
+        &self,
+        filter: &Filter,
+        after: Option<Keyset>,
+        limit: u32,
+    ) -> Result<Page<InteractionSummary>, StoreError> {
+        read::page(self, filter, after, limit).await
+    }
+
+    #[instrument(skip(self))]
+    async fn get_session(&self, session_id: Uuid, limit: u32) -> Result<SessionView, StoreError> {
+        read::session(self, session_id, limit).await
+    }
+
+    #[instrument(skip_all)]
+    async fn stats(&self, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError> {
+        read::stats(self, request).await
+    }
+
+    #[instrument(skip_all)]
+    async fn frequent_questions(&self, filter: &Filter, limit: u32) -> Result<Vec<FrequentQuestion>, StoreError> {
+        read::frequent_questions(self, filter, limit).await
+    }
+
+    async fn list_dead_letters(&self, before: Option<Keyset>, limit: u32) -> Result<Page<DeadLetter>, StoreError> {
+        read::dead_letters(self, before, limit).await
+    }
+
+    fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
+        read::export(self, filter)
     }
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The bound values of a statement, as the text and integers the schema stores.
+fn arguments(params: Vec<Param>) -> Result<SqliteArguments<'static>, StoreError> {
+    let mut args = SqliteArguments::default();
+    for param in params {
+        match param {
+            Param::Text(v) => args.add(v),
+            Param::Int(v) => args.add(v),
+            Param::Time(v) => args.add(format_time(&v)),
+            Param::Uuid(v) => args.add(v.to_string()),
+        }
+        .map_err(StoreError::Other)?;
+    }
+    Ok(args)
+}
+
+/// Rows an export runs ahead of its reader.
+const STREAM_BUFFER: usize = 256;
+
+#[async_trait]
+impl Fetch for SqliteStore {
+    fn dialect(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn fetch_all<R: ReadRow>(&self, sql: Sql) -> Result<Vec<R>, StoreError> {
+        let args = arguments(sql.params)?;
+        sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch_all(&self.pool).await.map_err(classify)
+    }
+
+    fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>> {
+        let pool = self.pool.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        // As for PostgreSQL: the task owns the statement's text; a reader that goes away
+        // stops the query at the next row.
+        tokio::spawn(async move {
+            let args = match arguments(sql.params) {
+                Ok(args) => args,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut rows = sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch(&pool);
+            while let Some(row) = rows.next().await {
+                let failed = row.is_err();
+                if tx.send(row.map_err(classify)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
     }
 }

@@ -212,7 +212,7 @@ async fn bad_records_are_isolated_and_the_rest_of_the_batch_committed(db: &TestD
     for id in &bad {
         assert!(matches!(store.get_interaction(*id).await, Err(StoreError::NotFound)));
     }
-    let letters = store.list_dead_letters(100).await.unwrap();
+    let letters = store.list_dead_letters(None, 100).await.unwrap().items;
     assert_eq!(letters.iter().map(|l| l.interaction_id).collect::<BTreeSet<_>>(), bad);
     for letter in &letters {
         assert!(letter.error.to_lowercase().contains("constraint"), "reason is kept: {}", letter.error);
@@ -226,7 +226,7 @@ async fn bad_records_are_isolated_and_the_rest_of_the_batch_committed(db: &TestD
     let log = logger(store.clone(), 10, 1 << 20);
     log.log(again);
     log.shutdown(Duration::from_secs(30)).await;
-    let letters = store.list_dead_letters(100).await.unwrap();
+    let letters = store.list_dead_letters(None, 100).await.unwrap().items;
     assert_eq!(letters.len(), 3);
     assert_eq!(letters.iter().map(|l| l.attempts).max(), Some(2));
 }
@@ -308,12 +308,12 @@ async fn dead_letters_repeated_in_one_call_are_one_row(db: &TestDb) {
     let first = DeadLetter::new(&r, "first reason");
     let second = DeadLetter::new(&r, "second reason");
     store.write_dead_letters(&[first, second]).await.unwrap();
-    let letters = store.list_dead_letters(10).await.unwrap();
+    let letters = store.list_dead_letters(None, 10).await.unwrap().items;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!((letters[0].error.as_str(), letters[0].attempts), ("second reason", 1));
     // A later re-delivery counts as another attempt.
     store.write_dead_letters(&[DeadLetter::new(&r, "third reason")]).await.unwrap();
-    let letters = store.list_dead_letters(10).await.unwrap();
+    let letters = store.list_dead_letters(None, 10).await.unwrap().items;
     assert_eq!((letters[0].error.as_str(), letters[0].attempts), ("third reason", 2));
 }
 

@@ -1,0 +1,112 @@
+//! The read operations, written once over [`Fetch`]: each backend only says how to run a
+//! statement of `sql` and get rows back; building the statement, paging and turning rows
+//! into public types is shared, so both databases answer every read the same way.
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
+use super::rows::{DeadLetterRow, FullRow, QuestionRow, SessionRow, StatsRowRaw, SummaryRow};
+use super::sql::{self, Sql};
+use super::{Backend, DeadLetter, StoreError};
+use crate::model::Interaction;
+
+/// A row type both databases decode.
+pub(crate) trait ReadRow:
+    for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, SqliteRow> + Send + Unpin + 'static
+{
+}
+impl<T> ReadRow for T where T: for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, SqliteRow> + Send + Unpin + 'static {}
+
+/// How a backend runs a read statement.
+#[async_trait]
+pub(crate) trait Fetch: Send + Sync {
+    /// The dialect statements are built for.
+    fn dialect(&self) -> Backend;
+
+    /// Runs `sql` and collects its rows.
+    async fn fetch_all<R: ReadRow>(&self, sql: Sql) -> Result<Vec<R>, StoreError>;
+
+    /// Runs `sql` and yields its rows as the database sends them (constant memory: the
+    /// rows are read off the connection as the stream is polled).
+    fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>>;
+}
+
+/// One interaction in full.
+pub(crate) async fn interaction(db: &impl Fetch, id: Uuid) -> Result<Interaction, StoreError> {
+    let rows: Vec<FullRow> = db.fetch_all(sql::select_interaction(db.dialect(), id)).await?;
+    rows.into_iter().next().ok_or(StoreError::NotFound)?.try_into()
+}
+
+/// A newest-first page: one row more than asked tells whether another page exists.
+pub(crate) async fn page(
+    db: &impl Fetch,
+    filter: &Filter,
+    after: Option<Keyset>,
+    limit: u32,
+) -> Result<Page<InteractionSummary>, StoreError> {
+    let rows: Vec<SummaryRow> = db.fetch_all(sql::select_page(db.dialect(), filter, after, limit + 1)).await?;
+    paginate(rows.into_iter().map(SummaryRow::into_summary), limit)
+}
+
+/// The newest dead letters, a page at a time.
+pub(crate) async fn dead_letters(
+    db: &impl Fetch,
+    before: Option<Keyset>,
+    limit: u32,
+) -> Result<Page<DeadLetter>, StoreError> {
+    let rows: Vec<DeadLetterRow> = db.fetch_all(sql::select_dead_letters(db.dialect(), before, limit + 1)).await?;
+    paginate(rows.into_iter().map(DeadLetterRow::into_letter), limit)
+}
+
+fn paginate<T>(rows: impl Iterator<Item = Result<(T, Keyset), StoreError>>, limit: u32) -> Result<Page<T>, StoreError> {
+    let mut items = Vec::with_capacity(limit as usize);
+    let mut last = None;
+    let mut more = false;
+    for row in rows {
+        if items.len() == limit as usize {
+            more = true;
+            break;
+        }
+        let (item, keyset) = row?;
+        items.push(item);
+        last = Some(keyset);
+    }
+    Ok(Page { items, next: if more { last } else { None } })
+}
+
+/// A session and its first `limit` interactions in the order they happened.
+pub(crate) async fn session(db: &impl Fetch, session_id: Uuid, limit: u32) -> Result<SessionView, StoreError> {
+    let sessions: Vec<SessionRow> = db.fetch_all(sql::select_session(db.dialect(), session_id)).await?;
+    let session = sessions.into_iter().next().ok_or(StoreError::NotFound)?;
+    let rows: Vec<FullRow> = db.fetch_all(sql::select_session_interactions(db.dialect(), session_id, limit)).await?;
+    let interactions = rows.into_iter().map(Interaction::try_from).collect::<Result<_, _>>()?;
+    session.into_view(interactions)
+}
+
+/// Aggregates, computed by the database.
+pub(crate) async fn stats(db: &impl Fetch, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError> {
+    let rows: Vec<StatsRowRaw> = db.fetch_all(sql::select_stats(db.dialect(), request)).await?;
+    rows.into_iter().map(StatsRow::try_from).collect()
+}
+
+/// The most frequent questions.
+pub(crate) async fn frequent_questions(
+    db: &impl Fetch,
+    filter: &Filter,
+    limit: u32,
+) -> Result<Vec<FrequentQuestion>, StoreError> {
+    let rows: Vec<QuestionRow> = db.fetch_all(sql::select_frequent_questions(db.dialect(), filter, limit)).await?;
+    Ok(rows.into_iter().map(FrequentQuestion::from).collect())
+}
+
+/// Every matching interaction in full, oldest first, streamed.
+pub(crate) fn export(db: &impl Fetch, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
+    db.fetch_stream::<FullRow>(sql::select_export(db.dialect(), filter))
+        .map(|row| row.and_then(Interaction::try_from))
+        .boxed()
+}
