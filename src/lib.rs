@@ -14,6 +14,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod export;
 pub mod ingest;
 pub mod model;
 pub mod pipeline;
