@@ -17,7 +17,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // A server logs what it does; a one-shot read command prints its answer, and only
+    // warnings besides.
+    let default_level = if cli.command.is_report() { "warn" } else { "info,sqlx=warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     // Colour only for a person at a terminal; a log file or collector gets plain text.
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)

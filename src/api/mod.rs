@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/dead-letters", get(read::dead_letters))
         .route("/api/v1/stats", get(read::stats))
         .route("/api/v1/stats/overview", get(read::overview))
+        .route("/api/v1/export", get(read::export))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

@@ -2,12 +2,16 @@
 //! export. Parameters are parsed by `query` (unknown or bad ones are a 400 naming the
 //! parameter); the handlers only shape responses.
 
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use futures::StreamExt;
+
 use super::{ApiError, AppState};
+use crate::export::{self, Format};
 use crate::model::id_from_key;
 use crate::query::{self, ListRequest, ParamError, Params, QueryError};
 
@@ -70,4 +74,29 @@ pub(super) async fn stats(State(app): State<AppState>, RawQuery(q): RawQuery) ->
 pub(super) async fn overview(State(app): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let (filter, top) = query::overview_request(Params::from_query(q.as_deref()))?;
     Ok(Json(query::overview(app.store.as_ref(), &filter, top).await?).into_response())
+}
+
+/// `GET /api/v1/export?format=…`: every matching interaction, streamed as it is read.
+///
+/// The status line goes out before the last row is read, so a database failure midway
+/// cannot become an error status: the body is cut off instead (the chunked encoding
+/// ends without its terminator), which every HTTP client reports as an incomplete
+/// download rather than a short file that looks whole.
+pub(super) async fn export(State(app): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let mut params = Params::from_query(q.as_deref());
+    let filter = params.take_filter()?;
+    let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
+    let format = params.take_choice("format", |s| s.parse::<Format>().ok(), &names)?.unwrap_or(Format::Ndjson);
+    params.finish()?;
+    let file_name = export::file_name(format, chrono::Utc::now());
+    let body = export::encode_stream(app.store.export(&filter), format).map(|chunk| {
+        chunk.inspect_err(|e| tracing::error!(error = %e, "export failed midway; the download is cut off"))
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    if let Ok(disposition) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, disposition);
+    }
+    Ok(response)
 }

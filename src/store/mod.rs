@@ -212,6 +212,9 @@ pub trait Store: BatchSink {
     /// Number of stored interactions.
     async fn count_interactions(&self) -> Result<u64, StoreError>;
 
+    /// How many interactions match `filter`.
+    async fn count_matching(&self, filter: &Filter) -> Result<u64, StoreError>;
+
     /// A page of interactions matching `filter`, newest first, starting after `after`.
     async fn list_interactions(
         &self,

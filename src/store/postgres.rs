@@ -314,6 +314,10 @@ impl Store for PostgresStore {
         Ok(n as u64)
     }
 
+    async fn count_matching(&self, filter: &Filter) -> Result<u64, StoreError> {
+        read::count(self, filter).await
+    }
+
     #[instrument(skip_all)]
     async fn list_interactions(
         &self,

@@ -10,7 +10,7 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
-use super::rows::{DeadLetterRow, FullRow, QuestionRow, SessionRow, StatsRowRaw, SummaryRow};
+use super::rows::{CountRow, DeadLetterRow, FullRow, QuestionRow, SessionRow, StatsRowRaw, SummaryRow};
 use super::sql::{self, Sql};
 use super::{Backend, DeadLetter, StoreError};
 use crate::model::Interaction;
@@ -40,6 +40,12 @@ pub(crate) trait Fetch: Send + Sync {
 pub(crate) async fn interaction(db: &impl Fetch, id: Uuid) -> Result<Interaction, StoreError> {
     let rows: Vec<FullRow> = db.fetch_all(sql::select_interaction(db.dialect(), id)).await?;
     rows.into_iter().next().ok_or(StoreError::NotFound)?.try_into()
+}
+
+/// How many interactions match.
+pub(crate) async fn count(db: &impl Fetch, filter: &Filter) -> Result<u64, StoreError> {
+    let rows: Vec<CountRow> = db.fetch_all(sql::select_count(db.dialect(), filter)).await?;
+    Ok(rows.first().map_or(0, |r| r.n.max(0) as u64))
 }
 
 /// A newest-first page: one row more than asked tells whether another page exists.

@@ -114,6 +114,13 @@ pub struct QuestionRow {
     pub last_asked: DateTime<Utc>,
 }
 
+/// A count.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct CountRow {
+    pub n: i64,
+}
+
 /// A dead letter.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]

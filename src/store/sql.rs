@@ -222,6 +222,13 @@ pub(crate) fn select_session_interactions(backend: Backend, session_id: Uuid, li
     sql
 }
 
+/// How many interactions match `filter`.
+pub(crate) fn select_count(backend: Backend, filter: &Filter) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push("SELECT count(*) AS n FROM interactions i WHERE true").filter(filter);
+    sql
+}
+
 /// A session's row.
 pub(crate) fn select_session(backend: Backend, session_id: Uuid) -> Sql {
     let mut sql = Sql::new(backend);

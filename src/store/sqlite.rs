@@ -301,6 +301,10 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    async fn count_matching(&self, filter: &Filter) -> Result<u64, StoreError> {
+        read::count(self, filter).await
+    }
+
     #[instrument(skip_all)]
     async fn list_interactions(
         &self,

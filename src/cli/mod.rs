@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `show`, `bench ingest`.
+//! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `bench`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,6 +12,10 @@ use crate::api::Application;
 use crate::config::{redact_url, CliOverrides, Config, LogFormat};
 use crate::model::id_from_key;
 use crate::store::{self, Store};
+
+mod read;
+
+pub use read::{ExportArgs, FilterArgs, ListFormat, QueryArgs, StatsArgs, StatsFormat};
 
 /// The audit log for LLM operations agents.
 #[derive(Debug, Parser)]
@@ -38,6 +42,13 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate,
+    /// List interactions, newest first, with filters.
+    Query(QueryArgs),
+    /// Counts, error rates and latency percentiles by model, user, status, cluster,
+    /// provider or tool, optionally per hour or day.
+    Stats(StatsArgs),
+    /// Write matching interactions to a file: csv, json, ndjson or parquet.
+    Export(ExportArgs),
     /// Print one interaction as JSON.
     Show {
         /// The interaction's id.
@@ -71,6 +82,14 @@ pub enum BenchCommand {
     Outage(crate::bench::OutageBenchArgs),
 }
 
+impl Command {
+    /// True for commands whose output is their answer (`query`, `stats`, `export`,
+    /// `show`), which log only warnings unless `RUST_LOG` says otherwise.
+    pub fn is_report(&self) -> bool {
+        matches!(self, Command::Query(_) | Command::Stats(_) | Command::Export(_) | Command::Show { .. })
+    }
+}
+
 impl Cli {
     /// Loads the configuration these arguments point at.
     pub fn load_config(&self) -> anyhow::Result<Config> {
@@ -98,6 +117,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Query(args) => with_store(&config, |store| read::run_query(store, args)).await,
+        Command::Stats(args) => with_store(&config, |store| read::run_stats(store, args)).await,
+        Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
             let record = store
@@ -112,6 +134,18 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench::run_ingest(&config, args).await,
         Command::Bench(BenchCommand::Outage(args)) => crate::bench::run_outage(&config, args).await,
     }
+}
+
+/// Runs `command` against the configured store, closed afterwards whatever happened.
+async fn with_store<F, Fut>(config: &Config, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let store = open_store(config).await?;
+    let result = command(store.clone()).await;
+    store.close().await;
+    result
 }
 
 /// Opens the configured store.
