@@ -1,9 +1,10 @@
 //! Benchmarks that print numbers: `bench ingest` (the pipeline against a PostgreSQL
 //! `COPY` baseline measured in the same run, queued and durable acknowledgements) and
-//! `bench outage` (a backlog arriving while the database is down, then its drain).
+//! `bench outage` (a backlog arriving while the database is down, then its drain) and
+//! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale).
 //! Each prints a table, then one machine-readable last line.
 //!
-//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`workload`] (the standard
+//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`workload`] (the standard
 //! workload of SPEC.md).
 
 use std::time::Duration;
@@ -13,10 +14,12 @@ use anyhow::Context;
 pub mod copy;
 pub mod ingest;
 pub mod outage;
+pub mod query;
 pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
+pub use query::{run_query, QueryBenchArgs};
 pub use workload::{payload_bytes, Workload};
 
 /// What one phase measured.

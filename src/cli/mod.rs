@@ -80,6 +80,9 @@ pub enum BenchCommand {
     Ingest(crate::bench::IngestBenchArgs),
     /// A database outage: records arriving while it is down (spooled), then the drain.
     Outage(crate::bench::OutageBenchArgs),
+    /// Reads at scale (PostgreSQL): list latency by filter, 7-day stats, and an export
+    /// against `COPY … TO STDOUT`, with memory sampled as the export grows.
+    Query(crate::bench::QueryBenchArgs),
 }
 
 impl Command {
@@ -133,6 +136,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench::run_ingest(&config, args).await,
         Command::Bench(BenchCommand::Outage(args)) => crate::bench::run_outage(&config, args).await,
+        Command::Bench(BenchCommand::Query(args)) => crate::bench::run_query(&config, args).await,
     }
 }
 

@@ -244,6 +244,18 @@ pub trait Store: BatchSink {
     async fn close(&self);
 }
 
+/// The export query of `filter` with its values written in, for PostgreSQL's
+/// `COPY (…) TO STDOUT` (the baseline `bench query` measures an export against).
+pub(crate) fn export_statement_for_copy(filter: &Filter) -> String {
+    sql::postgres_literal(&sql::select_export(Backend::Postgres, filter))
+}
+
+/// The first-page list query of `filter` with its values written in, for `EXPLAIN`
+/// (`bench query` checks that no typical filter scans `interactions` sequentially).
+pub(crate) fn list_statement_for_explain(filter: &Filter, limit: u32) -> String {
+    sql::postgres_literal(&sql::select_page(Backend::Postgres, filter, None, limit + 1))
+}
+
 /// Opens the configured store (`audit.database.*`). Does not migrate.
 pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
     connect(&config.resolved_url()?, config).await

@@ -377,6 +377,24 @@ FROM interactions i WHERE true",
     sql
 }
 
+/// `sql` with its values written in as PostgreSQL literals, for statements that take no
+/// parameters (`COPY (…) TO STDOUT`, the baseline of `bench query`). Never used with
+/// values from a request.
+pub(crate) fn postgres_literal(sql: &Sql) -> String {
+    let mut text = sql.text.clone();
+    // Highest first, so `$1` does not match the start of `$12`.
+    for (n, param) in sql.params.iter().enumerate().rev() {
+        let literal = match param {
+            Param::Text(v) => format!("'{}'", v.replace('\'', "''")),
+            Param::Int(v) => v.to_string(),
+            Param::Time(v) => format!("'{}'::timestamptz", v.to_rfc3339()),
+            Param::Uuid(v) => format!("'{v}'::uuid"),
+        };
+        text = text.replace(&format!("${}", n + 1), &literal);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
