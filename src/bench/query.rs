@@ -233,7 +233,7 @@ async fn load(store: Arc<dyn Store>, args: &QueryBenchArgs, end: DateTime<Utc>) 
                     })
                     .collect();
                 store.write_batch(&batch).await?;
-                if w == 0 && (first / BATCH) % 100 == 0 {
+                if w == 0 && (first / BATCH).is_multiple_of(100) {
                     tracing::info!(written = first, of = records, "loading");
                 }
                 first += BATCH * WRITERS;
@@ -418,7 +418,7 @@ async fn measure_export(
         let mut n = 0u64;
         store.export(filter).inspect(move |_| {
             n += 1;
-            if n % step == 0 {
+            if n.is_multiple_of(step) {
                 if let Ok(mut samples) = rss.lock() {
                     samples.push((n * 100 / total.max(1), resident_mb()));
                 }
