@@ -396,3 +396,46 @@ impl Fetch for SqliteStore {
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Status;
+    use crate::store::sql;
+
+    /// Every typical list filter is an index read on SQLite too (PostgreSQL's plans are
+    /// checked at 1M rows by `bench query`): no `SCAN i` of `interactions` without an
+    /// index.
+    #[tokio::test]
+    async fn typical_list_filters_read_an_index() {
+        let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        store.migrate().await.unwrap();
+        sqlx::query("ANALYZE").execute(&store.pool).await.unwrap();
+        let at: DateTime<Utc> = "2026-11-20T00:00:00Z".parse().unwrap();
+        let filters = [
+            Filter::default(),
+            Filter { user_id: Some("alice".into()), ..Filter::default() },
+            Filter { model_name: Some("gpt-4o".into()), ..Filter::default() },
+            Filter { cluster: Some("prod-east".into()), ..Filter::default() },
+            Filter { provider: Some("openai".into()), ..Filter::default() },
+            Filter { status: vec![Status::Error], ..Filter::default() },
+            Filter { session_id: Some(Uuid::nil()), ..Filter::default() },
+            Filter { from: Some(at), to: Some(at + chrono::Duration::days(1)), ..Filter::default() },
+            Filter { text: Some("crashloop".into()), ..Filter::default() },
+        ];
+        for filter in filters {
+            let statement = sql::select_page(Backend::Sqlite, &filter, None, 51);
+            let args = arguments(statement.params.clone()).unwrap();
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as_with(&format!("EXPLAIN QUERY PLAN {}", statement.text), args)
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap();
+            let details: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
+            assert!(
+                !details.iter().any(|d| *d == "SCAN i"),
+                "{filter:?} scans interactions without an index: {details:?}"
+            );
+        }
+    }
+}
