@@ -121,7 +121,7 @@ impl Application {
             database = %redact_url(&url),
             "opsagent-audit listening"
         );
-        let state = AppState { logger, store, config: Arc::new(config) };
+        let state = AppState::new(logger, store, config);
         Ok(Application { listener, state, startup, stop_startup })
     }
 

@@ -37,6 +37,24 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The configuration the server runs with.
     pub config: Arc<Config>,
+    /// Exports running now. Each holds a database connection for as long as its client
+    /// takes to download, so they are few, and the pool stays free for the writers.
+    pub exports: Arc<tokio::sync::Semaphore>,
+}
+
+/// Exports that may run at once; one more is answered `429`.
+pub const MAX_CONCURRENT_EXPORTS: usize = 2;
+
+impl AppState {
+    /// The state of a server writing through `logger` and reading from `store`.
+    pub fn new(logger: AuditLogger, store: Arc<dyn Store>, config: Config) -> AppState {
+        AppState {
+            logger,
+            store,
+            config: Arc::new(config),
+            exports: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
+        }
+    }
 }
 
 /// Builds the router.

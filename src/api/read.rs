@@ -88,8 +88,19 @@ pub(super) async fn export(State(app): State<AppState>, RawQuery(q): RawQuery) -
     let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
     let format = params.take_choice("format", |s| s.parse::<Format>().ok(), &names)?.unwrap_or(Format::Ndjson);
     params.finish()?;
+    let Ok(permit) = app.exports.clone().try_acquire_owned() else {
+        let busy = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_exports",
+            format!("{} exports are already running; try again when one has finished", super::MAX_CONCURRENT_EXPORTS),
+        );
+        return Ok(([(header::RETRY_AFTER, "10")], busy).into_response());
+    };
     let file_name = export::file_name(format, chrono::Utc::now());
-    let body = export::encode_stream(app.store.export(&filter), format).map(|chunk| {
+    let body = export::encode_stream(app.store.export(&filter), format).map(move |chunk| {
+        // The permit lives as long as the body: released when the download ends or the
+        // client goes away.
+        let _running = &permit;
         chunk.inspect_err(|e| tracing::error!(error = %e, "export failed midway; the download is cut off"))
     });
     let mut response = Body::from_stream(body).into_response();

@@ -196,7 +196,7 @@ pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
 pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Config) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
-    let state = AppState { logger: logger.clone(), store: store.clone(), config: Arc::new(config) };
+    let state = AppState::new(logger.clone(), store.clone(), config);
     let stop = CancellationToken::new();
     let signal = stop.clone().cancelled_owned();
     let shutdown_logger = logger.clone();
