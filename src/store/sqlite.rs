@@ -432,10 +432,7 @@ mod tests {
                     .await
                     .unwrap();
             let details: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
-            assert!(
-                !details.iter().any(|d| *d == "SCAN i"),
-                "{filter:?} scans interactions without an index: {details:?}"
-            );
+            assert!(!details.contains(&"SCAN i"), "{filter:?} scans interactions without an index: {details:?}");
         }
     }
 }
