@@ -349,7 +349,9 @@ FROM (SELECT k, b, d, e, tin, tout,
             );
         }
     }
-    sql.push(" ORDER BY b, count(*) DESC, k");
+    // NULLS LAST on both: SQLite sorts NULL first by default, PostgreSQL last, and with
+    // `top` the group of rows without a value would be cut on one database only.
+    sql.push(" ORDER BY b, count(*) DESC, k NULLS LAST");
     if let Some(top) = request.top {
         sql.push(" LIMIT ").bind(Param::Int(top.into()));
     }
