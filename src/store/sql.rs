@@ -362,7 +362,9 @@ FROM (SELECT k, b, d, e, tin, tout,
 pub(crate) fn select_frequent_questions(backend: Backend, filter: &Filter, limit: u32) -> Sql {
     let mut sql = Sql::new(backend);
     let normalised = match backend {
-        Backend::Postgres => "lower(regexp_replace(btrim(i.question), '\\s+', ' ', 'g'))",
+        // Fold first, then trim: btrim alone strips only spaces, so a question ending in
+        // a newline or starting with a tab would count apart from its plain spelling.
+        Backend::Postgres => "lower(btrim(regexp_replace(i.question, '\\s+', ' ', 'g')))",
         // No regexp_replace in SQLite: map the usual white space to spaces and fold runs
         // of up to eight spaces (enough for questions typed by people).
         Backend::Sqlite => {
