@@ -5,6 +5,7 @@
 //! Parameters come in as [`Params`] (a query string or command-line options) and are
 //! checked here once, so both front ends refuse the same input with the same message.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::store::{
@@ -40,16 +41,19 @@ pub struct ListRequest {
     pub after: Option<Keyset>,
     /// Page size.
     pub limit: u32,
+    /// The instant relative times were resolved against (carried by the next cursor).
+    pub now: DateTime<Utc>,
 }
 
 impl ListRequest {
     /// Reads a list request; every parameter must be known.
     pub fn from_params(mut params: Params) -> Result<ListRequest, ParamError> {
+        let now = params.pin_now();
         let filter = params.take_filter()?;
         let after = params.take_cursor(&filter)?;
         let limit = params.take_limit(DEFAULT_LIMIT, MAX_LIMIT)?;
         params.finish()?;
-        Ok(ListRequest { filter, after, limit })
+        Ok(ListRequest { filter, after, limit, now })
     }
 }
 
@@ -65,7 +69,10 @@ pub struct ListResponse {
 /// Runs a list request.
 pub async fn list(store: &dyn Store, request: &ListRequest) -> Result<ListResponse, StoreError> {
     let page = store.list_interactions(&request.filter, request.after, request.limit).await?;
-    Ok(ListResponse { items: page.items, next_cursor: page.next.map(|k| cursor::encode(k, &request.filter)) })
+    Ok(ListResponse {
+        items: page.items,
+        next_cursor: page.next.map(|k| cursor::encode(k, &request.filter, request.now)),
+    })
 }
 
 /// Reads the `limit` of a session request.
@@ -93,11 +100,12 @@ pub struct DeadLetterPage {
 pub async fn dead_letters(store: &dyn Store, mut params: Params) -> Result<DeadLetterPage, QueryError> {
     // Dead letters have no filters: their cursors are bound to the empty filter.
     let unfiltered = Filter::default();
+    let now = params.pin_now();
     let before = params.take_cursor(&unfiltered)?;
     let limit = params.take_limit(DEFAULT_LIMIT, MAX_LIMIT)?;
     params.finish()?;
     let page = store.list_dead_letters(before, limit).await?;
-    Ok(DeadLetterPage { items: page.items, next_cursor: page.next.map(|k| cursor::encode(k, &unfiltered)) })
+    Ok(DeadLetterPage { items: page.items, next_cursor: page.next.map(|k| cursor::encode(k, &unfiltered, now)) })
 }
 
 /// Reads a stats request: the filters, `group_by` (default `model_name`), `bucket`

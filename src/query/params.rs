@@ -68,6 +68,20 @@ impl Params {
         self
     }
 
+    /// Fixes the instant relative times (`since=24h`) count back from, and returns it:
+    /// the one the `cursor` carries, so every page of a list covers the window its first
+    /// page did; else the one of [`Params::with_now`]; else the clock (to the
+    /// microsecond, which a cursor keeps).
+    pub fn pin_now(&mut self) -> DateTime<Utc> {
+        let from_cursor = self.values.get("cursor").and_then(|v| v.first()).and_then(|c| super::cursor::now_of(c));
+        let now = from_cursor.or(self.now).unwrap_or_else(|| {
+            let now = Utc::now();
+            DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+        });
+        self.now = Some(now);
+        now
+    }
+
     /// Takes a parameter given at most once; empty values count as absent.
     pub fn take(&mut self, name: &str) -> Result<Option<String>, ParamError> {
         match self.values.remove(name) {
@@ -206,6 +220,27 @@ mod tests {
         assert_eq!(f.from, Some("2026-11-24T12:00:00Z".parse().unwrap()));
         assert_eq!(f.text.as_deref(), Some("数据库"));
         assert_eq!(f.min_duration_ms, Some(5));
+    }
+
+    #[test]
+    fn a_cursor_pins_the_instant_relative_times_count_back_from() {
+        // The first page of `since=24h` was resolved an hour ago; its cursor still fits.
+        let first: DateTime<Utc> = "2026-11-25T11:00:00.000001Z".parse().unwrap();
+        let mut p = Params::from_query(Some("since=24h")).with_now(first);
+        assert_eq!(p.pin_now(), first);
+        let filter = p.take_filter().unwrap();
+        let keyset = Keyset { created_at: "2026-11-25T10:00:00Z".parse().unwrap(), id: 7 };
+        let cursor = super::super::cursor::encode(keyset, &filter, first);
+        let mut p = params(&format!("since=24h&cursor={cursor}"));
+        assert_eq!(p.pin_now(), first);
+        let again = p.take_filter().unwrap();
+        assert_eq!(again, filter);
+        assert_eq!(p.take_cursor(&again).unwrap(), Some(keyset));
+        // Another window is another query.
+        let mut p = params(&format!("since=48h&cursor={cursor}"));
+        p.pin_now();
+        let other = p.take_filter().unwrap();
+        assert_eq!(p.take_cursor(&other).unwrap_err().field, "cursor");
     }
 
     #[test]
