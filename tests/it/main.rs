@@ -10,6 +10,7 @@ mod fault;
 mod ingest_http;
 mod pg_cluster;
 mod pipeline;
+mod query;
 mod spool;
 mod spool_props;
 mod store;
