@@ -297,7 +297,8 @@ async fn measure_lists(
         let mut rows = 0usize;
         let seq_scans = seq_scans(&mut conn, &make(&mut rng, end)).await?;
         for _ in 0..args.repeats {
-            let request = ListRequest { filter: make(&mut rng, end), after: None, limit: query::DEFAULT_LIMIT };
+            let request =
+                ListRequest { filter: make(&mut rng, end), after: None, limit: query::DEFAULT_LIMIT, now: end };
             let started = Instant::now();
             let page = query::list(store, &request).await?;
             latency.record(started.elapsed().as_micros() as u64)?;
@@ -310,7 +311,7 @@ async fn measure_lists(
     let mut rows = 0usize;
     for _ in 0..args.repeats.div_ceil(5).max(1) {
         let filter = Filter { user_id: Some(format!("user-{:02}", rng.random_range(0..50))), ..Filter::default() };
-        let mut request = ListRequest { filter, after: None, limit: query::DEFAULT_LIMIT };
+        let mut request = ListRequest { filter, after: None, limit: query::DEFAULT_LIMIT, now: end };
         for page_no in 0..5 {
             let started = Instant::now();
             let page = store.list_interactions(&request.filter, request.after, request.limit).await?;
