@@ -3,78 +3,17 @@
 //! on SQLite and PostgreSQL.
 //!
 //! Every child process runs in a temporary working directory with no `AUDIT_…` variable
-//! inherited, and is killed if the test fails ([`ChildGuard`]).
+//! inherited, and is killed if the test fails ([`ChildGuard`](crate::common::server::ChildGuard)).
 
-use std::fs::File;
-use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::common::server::{bin, Server, ServerBuilder};
+use crate::common::server::{bin, run, Server, ServerBuilder};
 use crate::common::{free_port, TestDb};
 use opsagent_audit::config::Config;
 use opsagent_audit::store;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-/// Longest a one-shot command (`migrate`, `show`, a refused start) may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Kills and reaps the child when dropped, so a failing test leaves no process behind.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-impl ChildGuard {
-    /// Waits for the exit, polling; `None` if `timeout` passes first.
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("poll the child") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// What a finished command did.
-#[derive(Debug)]
-struct Ran {
-    /// Exit code (`None`: killed by a signal).
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs a command to its end (bounded by [`COMMAND_TIMEOUT`]).
-fn run(c: &mut Command) -> Ran {
-    let mut out = tempfile::tempfile().expect("stdout file");
-    let mut err = tempfile::tempfile().expect("stderr file");
-    c.stdout(out.try_clone().expect("stdout handle")).stderr(err.try_clone().expect("stderr handle"));
-    let mut child = ChildGuard(c.spawn().expect("start the binary"));
-    let status = child.wait_timeout(COMMAND_TIMEOUT);
-    let read = |f: &mut File| {
-        let mut text = String::new();
-        f.rewind().expect("rewind output");
-        f.read_to_string(&mut text).expect("read output");
-        text
-    };
-    let (stdout, stderr) = (read(&mut out), read(&mut err));
-    let status = status.unwrap_or_else(|| panic!("{c:?} did not finish within {COMMAND_TIMEOUT:?}:\n{stderr}"));
-    Ran { code: status.code(), stdout, stderr }
-}
 
 /// Writes a config file into `dir`.
 fn config_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {

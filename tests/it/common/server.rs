@@ -1,7 +1,10 @@
-//! The real `opsagent-audit serve` binary as a child process: started on a loopback port
-//! in a working directory of the test's, its output in a log file, killed and reaped
-//! when dropped (even after a panic).
+//! The real `opsagent-audit` binary as a child process: `serve` started on a loopback
+//! port in a working directory of the test's, its output in a log file; one-shot commands
+//! (`migrate`, `query`, `export`, …) run to their end with their output captured. Every
+//! child is killed and reaped when dropped (even after a panic).
 
+use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +24,67 @@ pub fn bin(dir: &Path) -> Command {
         }
     }
     c
+}
+
+/// Longest a one-shot command (`migrate`, `show`, `export`, a refused start) may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Kills and reaps the child when dropped, so a failing test leaves no process behind.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Waits for the exit, polling; `None` if `timeout` passes first.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("poll the child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Ran {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Its standard output (UTF-8; binary output goes to a file, not here).
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs a command to its end (bounded by [`COMMAND_TIMEOUT`]). Blocks the thread: from
+/// an async test, wrap it in `tokio::task::block_in_place`.
+pub fn run(c: &mut Command) -> Ran {
+    let mut out = tempfile::tempfile().expect("stdout file");
+    let mut err = tempfile::tempfile().expect("stderr file");
+    c.stdout(out.try_clone().expect("stdout handle")).stderr(err.try_clone().expect("stderr handle"));
+    let mut child = ChildGuard(c.spawn().expect("start the binary"));
+    let status = child.wait_timeout(COMMAND_TIMEOUT);
+    let read = |f: &mut File| {
+        let mut text = String::new();
+        f.rewind().expect("rewind output");
+        f.read_to_string(&mut text).expect("read output");
+        text
+    };
+    let (stdout, stderr) = (read(&mut out), read(&mut err));
+    let status = status.unwrap_or_else(|| panic!("{c:?} did not finish within {COMMAND_TIMEOUT:?}:\n{stderr}"));
+    Ran { code: status.code(), stdout, stderr }
 }
 
 /// How to start a server.
