@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use comfy_table::{presets, Cell, CellAlignment, ContentArrangement, Table};
+use comfy_table::{presets, Cell, CellAlignment, ColumnConstraint, ContentArrangement, Row, Table};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -210,8 +210,15 @@ fn print_summaries(out: &mut impl Write, items: &[InteractionSummary]) -> anyhow
         return Ok(());
     }
     let mut t = table(&["created_at (UTC)", "user", "model", "cluster", "status", "ms", "tools", "question", "id"]);
+    // One line per interaction, its id whole (it is what `show` takes): the time and the
+    // id keep their width, and a cell too long for what remains is cut, not wrapped.
+    for column in [0, 8] {
+        if let Some(c) = t.column_mut(column) {
+            c.set_constraint(ColumnConstraint::ContentWidth);
+        }
+    }
     for i in items {
-        t.add_row(vec![
+        let mut row = Row::from(vec![
             Cell::new(i.created_at.format("%Y-%m-%d %H:%M:%S")),
             Cell::new(or_dash(i.user_id.as_deref())),
             Cell::new(or_dash(i.model_name.as_deref())),
@@ -222,6 +229,8 @@ fn print_summaries(out: &mut impl Write, items: &[InteractionSummary]) -> anyhow
             Cell::new(one_line(&i.question, 80)),
             Cell::new(i.interaction_id),
         ]);
+        row.max_height(1);
+        t.add_row(row);
     }
     writeln!(out, "{t}")?;
     Ok(())
