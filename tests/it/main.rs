@@ -6,6 +6,7 @@
 mod common;
 
 mod cli;
+mod export;
 mod fault;
 mod ingest_http;
 mod pg_cluster;
