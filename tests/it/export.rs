@@ -611,6 +611,53 @@ both_backends!(
 
 /// 20,000 small records: the export must reach the client in many chunks as it is read,
 /// not as one body built in memory.
+/// Each export holds a database connection for its whole download, so two run at once;
+/// a third is refused with `429` and `Retry-After`, and a slot comes back as soon as a
+/// client goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_concurrent_export_waits_for_a_slot() {
+    let db = TestDb::sqlite();
+    let app = spawn_app(&db).await;
+    // Far more than loopback socket buffers hold, so an unread download stays open.
+    let big = "x".repeat(16 * 1024);
+    let records: Vec<Interaction> = (0..2_000)
+        .map(|i| {
+            let mut r = Interaction::new(format!("export slot {i}"));
+            r.final_answer = Some(big.clone());
+            r
+        })
+        .collect();
+    for chunk in records.chunks(500) {
+        app.store.write_batch(chunk).await.expect("seed");
+    }
+    let url = app.url("/api/v1/export?format=ndjson");
+    let first = app.client.get(&url).send().await.expect("first export");
+    let second = app.client.get(&url).send().await.expect("second export");
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+
+    let third = app.client.get(&url).send().await.expect("third export");
+    assert_eq!(third.status().as_u16(), 429);
+    assert_eq!(third.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("10"));
+    let body: Value = third.json().await.expect("json error");
+    assert_eq!(body["error"]["code"], "too_many_exports");
+
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let again = app.client.get(&url).send().await.expect("export after a slot is freed");
+        if again.status().as_u16() == 200 {
+            let lines =
+                again.bytes().await.expect("whole export").split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+            assert_eq!(lines, 2_000);
+            break;
+        }
+        assert_eq!(again.status().as_u16(), 429);
+        assert!(std::time::Instant::now() < deadline, "the first export's slot never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(second);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_large_export_streams_in_many_chunks() {
     const N: usize = 20_000;
