@@ -273,18 +273,18 @@ FROM dead_letters d WHERE true",
     sql
 }
 
-/// The start of a time bucket as RFC 3339 text (`NULL` when not bucketed).
-fn bucket_expr(backend: Backend, bucket: Option<Bucket>) -> &'static str {
+/// A time bucket: the expression computing it per row (`b`), and the one turning a
+/// group's `b` into RFC 3339 text. PostgreSQL groups on the truncated timestamp and
+/// formats once per group, not once per row.
+fn bucket_exprs(backend: Backend, bucket: Option<Bucket>) -> (&'static str, &'static str) {
+    const PG_TEXT: &str = "to_char(b, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
     match (backend, bucket) {
-        (Backend::Postgres, None) | (Backend::Sqlite, None) => "CAST(NULL AS TEXT)",
-        (Backend::Postgres, Some(Bucket::Hour)) => {
-            "to_char(date_trunc('hour', i.created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-        }
-        (Backend::Postgres, Some(Bucket::Day)) => {
-            "to_char(date_trunc('day', i.created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-        }
-        (Backend::Sqlite, Some(Bucket::Hour)) => "strftime('%Y-%m-%dT%H:00:00Z', i.created_at)",
-        (Backend::Sqlite, Some(Bucket::Day)) => "strftime('%Y-%m-%dT00:00:00Z', i.created_at)",
+        (Backend::Postgres, None) => ("CAST(NULL AS TIMESTAMP)", PG_TEXT),
+        (Backend::Postgres, Some(Bucket::Hour)) => ("date_trunc('hour', i.created_at AT TIME ZONE 'UTC')", PG_TEXT),
+        (Backend::Postgres, Some(Bucket::Day)) => ("date_trunc('day', i.created_at AT TIME ZONE 'UTC')", PG_TEXT),
+        (Backend::Sqlite, None) => ("CAST(NULL AS TEXT)", "b"),
+        (Backend::Sqlite, Some(Bucket::Hour)) => ("strftime('%Y-%m-%dT%H:00:00Z', i.created_at)", "b"),
+        (Backend::Sqlite, Some(Bucket::Day)) => ("strftime('%Y-%m-%dT00:00:00Z', i.created_at)", "b"),
     }
 }
 
@@ -292,7 +292,7 @@ fn bucket_expr(backend: Backend, bucket: Option<Bucket>) -> &'static str {
 /// (key, bucket, duration, failed, tokens) in `src`, then aggregated in the database.
 pub(crate) fn select_stats(backend: Backend, request: &StatsRequest) -> Sql {
     let mut sql = Sql::new(backend);
-    let bucket = bucket_expr(backend, request.bucket);
+    let (bucket, bucket_text) = bucket_exprs(backend, request.bucket);
     sql.push("WITH src AS (SELECT ");
     if request.group_by == GroupBy::ToolName {
         sql.push("t.tool_name AS k, ").push(bucket).push(
@@ -315,8 +315,8 @@ FROM interactions i WHERE true",
     sql.push(")\n");
     match backend {
         Backend::Postgres => {
-            sql.push(
-                "SELECT k AS key, b AS bucket, count(*) AS count, sum(e) AS error_count,
+            sql.push("SELECT k AS key, ").push(bucket_text).push(
+                " AS bucket, count(*) AS count, sum(e) AS error_count,
     percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50_ms,
     percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95_ms,
     percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99_ms,
