@@ -16,7 +16,8 @@ pub(crate) async fn run_copy_baseline(url: &str, args: &IngestBenchArgs) -> anyh
     let mut conn = PgConnection::connect(url).await.context("connecting for the COPY baseline")?;
     let schema = format!("bench_copy_{}", uuid::Uuid::new_v4().simple());
     conn.execute(format!("CREATE SCHEMA {schema}").as_str()).await?;
-    conn.execute(format!("SET search_path TO {schema}").as_str()).await?;
+    // `public` stays on the path for the extensions the migrations use (pg_trgm).
+    conn.execute(format!("SET search_path TO {schema}, public").as_str()).await?;
     let schema_sql = crate::store::postgres::MIGRATOR.iter().map(|m| m.sql.to_string()).collect::<Vec<_>>().join(";\n");
     sqlx::raw_sql(&schema_sql).execute(&mut conn).await.context("creating the baseline schema")?;
 
