@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Arguments, Connection};
@@ -32,8 +32,6 @@ use crate::model::{Interaction, Thought, ToolCall};
 /// How long an operation waits for a pooled connection before the database counts as
 /// unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows an export runs ahead of its reader.
-const STREAM_BUFFER: usize = 256;
 /// How long the direct connection that explains a pool timeout may take.
 const CONNECT_PROBE: Duration = Duration::from_secs(3);
 
@@ -386,27 +384,6 @@ impl Fetch for PostgresStore {
     }
 
     fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>> {
-        let pool = self.pool.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        // The statement borrows its text, so it runs in a task that owns both; rows
-        // reach the reader through a short channel, and a reader that goes away stops
-        // the query at the next row.
-        tokio::spawn(async move {
-            let args = match arguments(sql.params) {
-                Ok(args) => args,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let mut rows = sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch(&pool);
-            while let Some(row) = rows.next().await {
-                let failed = row.is_err();
-                if tx.send(row.map_err(classify)).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
+        read::spawn_rows!(self.pool.clone(), sql, arguments, classify)
     }
 }

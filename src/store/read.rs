@@ -36,6 +36,40 @@ pub(crate) trait Fetch: Send + Sync {
     fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>>;
 }
 
+/// The body of [`Fetch::fetch_stream`] for a backend: runs the statement in a task of
+/// its own and yields its rows as they come. The statement borrows its text, so the task
+/// owns both; rows reach the reader through a short channel, and a reader that goes away
+/// stops the query at the next row. A macro, not a generic function: sqlx's bounds for
+/// arguments that outlive a borrowed statement differ per database (SQLite's arguments
+/// carry the statement's lifetime).
+macro_rules! spawn_rows {
+    ($pool:expr, $sql:expr, $arguments:path, $classify:path) => {{
+        use futures::StreamExt as _;
+        /// Rows an export runs ahead of its reader.
+        const BUFFER: usize = 256;
+        let (pool, sql) = ($pool, $sql);
+        let (tx, rx) = tokio::sync::mpsc::channel(BUFFER);
+        tokio::spawn(async move {
+            let args = match $arguments(sql.params) {
+                Ok(args) => args,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut rows = sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch(&pool);
+            while let Some(row) = rows.next().await {
+                let failed = row.is_err();
+                if tx.send(row.map_err($classify)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
+    }};
+}
+pub(crate) use spawn_rows;
+
 /// One interaction in full.
 pub(crate) async fn interaction(db: &impl Fetch, id: Uuid) -> Result<Interaction, StoreError> {
     let rows: Vec<FullRow> = db.fetch_all(sql::select_interaction(db.dialect(), id)).await?;

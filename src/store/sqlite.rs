@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
@@ -358,9 +358,6 @@ fn arguments(params: Vec<Param>) -> Result<SqliteArguments<'static>, StoreError>
     Ok(args)
 }
 
-/// Rows an export runs ahead of its reader.
-const STREAM_BUFFER: usize = 256;
-
 #[async_trait]
 impl Fetch for SqliteStore {
     fn dialect(&self) -> Backend {
@@ -373,27 +370,7 @@ impl Fetch for SqliteStore {
     }
 
     fn fetch_stream<R: ReadRow>(&self, sql: Sql) -> BoxStream<'static, Result<R, StoreError>> {
-        let pool = self.pool.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        // As for PostgreSQL: the task owns the statement's text; a reader that goes away
-        // stops the query at the next row.
-        tokio::spawn(async move {
-            let args = match arguments(sql.params) {
-                Ok(args) => args,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let mut rows = sqlx::query_as_with::<_, R, _>(&sql.text, args).fetch(&pool);
-            while let Some(row) = rows.next().await {
-                let failed = row.is_err();
-                if tx.send(row.map_err(classify)).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|row| (row, rx)) }).boxed()
+        read::spawn_rows!(self.pool.clone(), sql, arguments, classify)
     }
 }
 
