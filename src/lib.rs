@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod ingest;
+pub mod mask;
 pub mod model;
 pub mod pipeline;
 pub mod query;
