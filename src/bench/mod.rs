@@ -1,10 +1,11 @@
 //! Benchmarks that print numbers: `bench ingest` (the pipeline against a PostgreSQL
 //! `COPY` baseline measured in the same run, queued and durable acknowledgements) and
 //! `bench outage` (a backlog arriving while the database is down, then its drain) and
-//! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale).
+//! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale),
+//! `bench mask` (masking throughput).
 //! Each prints a table, then one machine-readable last line.
 //!
-//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`workload`] (the standard
+//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`mask`](mod@mask), [`workload`] (the standard
 //! workload of SPEC.md).
 
 use std::time::Duration;
@@ -13,11 +14,13 @@ use anyhow::Context;
 
 pub mod copy;
 pub mod ingest;
+pub mod mask;
 pub mod outage;
 pub mod query;
 pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
+pub use mask::{run_mask, MaskBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
 pub use query::{run_query, QueryBenchArgs};
 pub use workload::{payload_bytes, Workload};

@@ -49,6 +49,16 @@ pub enum Command {
     Stats(StatsArgs),
     /// Write matching interactions to a file: csv, json, ndjson or parquet.
     Export(ExportArgs),
+    /// Show what the masking rules replace in a file: the masked text on stdout, the
+    /// count per rule on stderr.
+    Mask {
+        /// The file to try the rules on (`-`: standard input).
+        #[arg(long = "test", value_name = "FILE")]
+        file: PathBuf,
+        /// Also the personal-data rules (e-mail, phone, Chinese ID, IP addresses).
+        #[arg(long)]
+        pii: bool,
+    },
     /// Print one interaction as JSON.
     Show {
         /// The interaction's id.
@@ -83,13 +93,18 @@ pub enum BenchCommand {
     /// Reads at scale (PostgreSQL): list latency by filter, 7-day stats, and an export
     /// against `COPY … TO STDOUT`, with memory sampled as the export grows.
     Query(crate::bench::QueryBenchArgs),
+    /// Masking throughput on the standard workload (no database).
+    Mask(crate::bench::MaskBenchArgs),
 }
 
 impl Command {
     /// True for commands whose output is their answer (`query`, `stats`, `export`,
     /// `show`), which log only warnings unless `RUST_LOG` says otherwise.
     pub fn is_report(&self) -> bool {
-        matches!(self, Command::Query(_) | Command::Stats(_) | Command::Export(_) | Command::Show { .. })
+        matches!(
+            self,
+            Command::Query(_) | Command::Stats(_) | Command::Export(_) | Command::Show { .. } | Command::Mask { .. }
+        )
     }
 }
 
@@ -123,6 +138,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Query(args) => with_store(&config, |store| read::run_query(store, args)).await,
         Command::Stats(args) => with_store(&config, |store| read::run_stats(store, args)).await,
         Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
+        Command::Mask { file, pii } => mask_test(&file, pii),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
             let record = store
@@ -137,7 +153,31 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench::run_ingest(&config, args).await,
         Command::Bench(BenchCommand::Outage(args)) => crate::bench::run_outage(&config, args).await,
         Command::Bench(BenchCommand::Query(args)) => crate::bench::run_query(&config, args).await,
+        Command::Bench(BenchCommand::Mask(args)) => crate::bench::run_mask(args),
     }
+}
+
+/// `mask --test FILE`.
+fn mask_test(file: &std::path::Path, pii: bool) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+    } else {
+        text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let masker = crate::mask::Masker::new(pii, &[])?;
+    let masked = masker.mask(&text);
+    std::io::stdout().lock().write_all(masked.as_bytes())?;
+    let mut err = std::io::stderr().lock();
+    let counts: Vec<String> =
+        masker.counts().into_iter().filter(|(_, n)| *n > 0).map(|(rule, n)| format!("{rule}: {n}")).collect();
+    if counts.is_empty() {
+        writeln!(err, "nothing masked")?;
+    } else {
+        writeln!(err, "masked: {}", counts.join(", "))?;
+    }
+    Ok(())
 }
 
 /// Runs `command` against the configured store, closed afterwards whatever happened.

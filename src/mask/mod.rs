@@ -146,6 +146,53 @@ impl Masker {
         }
     }
 
+    /// Masks every text field of a record where a secret can hide: the question, each
+    /// thought, each tool call's input, output and error, the answer, the error, the
+    /// provider URL, and every string inside `attributes`. Returns the fields changed.
+    pub fn mask_record(&self, record: &mut crate::model::Interaction) -> usize {
+        let mut changed = usize::from(self.mask_in_place(&mut record.question));
+        for text in [&mut record.final_answer, &mut record.error, &mut record.base_url, &mut record.endpoint]
+            .into_iter()
+            .flatten()
+        {
+            changed += usize::from(self.mask_in_place(text));
+        }
+        for thought in &mut record.thoughts {
+            changed += usize::from(self.mask_in_place(&mut thought.content));
+        }
+        for call in &mut record.tool_calls {
+            changed += usize::from(self.mask_in_place(&mut call.tool_input));
+            for text in [&mut call.tool_observation, &mut call.error].into_iter().flatten() {
+                changed += usize::from(self.mask_in_place(text));
+            }
+        }
+        changed + self.mask_map(&mut record.attributes)
+    }
+
+    /// Masks the strings of a JSON value, however deep. An object's value is also
+    /// masked whole when its key names a credential (`{"api_key": "…"}`), which the
+    /// text rules cannot see once the key and value are apart.
+    fn mask_json(&self, value: &mut serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::String(text) => usize::from(self.mask_in_place(text)),
+            serde_json::Value::Array(items) => items.iter_mut().map(|v| self.mask_json(v)).sum(),
+            serde_json::Value::Object(map) => self.mask_map(map),
+            _ => 0,
+        }
+    }
+
+    fn mask_map(&self, map: &mut serde_json::Map<String, serde_json::Value>) -> usize {
+        map.iter_mut()
+            .map(|(key, v)| match v {
+                serde_json::Value::String(text) if rules::is_secret_key(key) && !text.is_empty() => {
+                    *text = marker("password_pair");
+                    1
+                }
+                _ => self.mask_json(v),
+            })
+            .sum()
+    }
+
     /// How many secrets each rule has masked since start, by rule name.
     pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
         let mut counts = std::collections::BTreeMap::new();

@@ -40,6 +40,16 @@ fn pii(name: &str, pattern: &str) -> RuleSpec {
 /// Keys whose value is a credential, in text, env dumps, JSON and YAML.
 const SECRET_KEYS: &str = r"(?:pass(?:word|wd|phrase)?|pwd|secret(?:[_-]?key)?|client[_-]?secret|token|access[_-]?token|refresh[_-]?token|auth[_-]?token|api[_-]?key|apikey|access[_-]?key|private[_-]?key|credentials?)";
 
+static SECRET_KEY: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(&format!(r"(?i)^(?:.*[_\-.])?{SECRET_KEYS}$")).expect("static pattern")
+});
+
+/// True when a JSON key or variable name holds a credential (`password`,
+/// `DB_PASSWORD`, `client_secret`, `apiKey`).
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEY.is_match(key)
+}
+
 /// Every built-in rule, secrets first (more specific before more general).
 pub fn builtin_rules() -> Vec<RuleSpec> {
     vec![

@@ -1,6 +1,7 @@
 //! The masking corpus (`tests/data/mask/`): realistic secrets that must all be masked,
 //! look-alikes that must all be left alone, and the rules' details.
 
+use super::rules::is_secret_key;
 use super::*;
 
 /// Samples of a corpus file: (header, text).
@@ -104,4 +105,33 @@ fn custom_rules_apply_and_bad_patterns_are_named() {
     let bad = [CustomRule { name: "broken".into(), regex: "(".into(), replacement: None }];
     let err = Masker::new(false, &bad).unwrap_err();
     assert!(err.to_string().contains("`broken`"), "{err}");
+}
+
+#[test]
+fn a_record_is_masked_in_every_field_and_attributes_by_key() {
+    use crate::model::{Interaction, Thought, ToolCall};
+    let masker = Masker::new(false, &[]).unwrap();
+    let key = "sk-proj-Zx81kQm2Lr7TnB4cVd9WyP3s";
+    let mut r = Interaction::new(format!("my key is {key}"));
+    r.final_answer = Some(format!("do not share {key}"));
+    r.error = Some(format!("401 for {key}"));
+    r.thoughts.push(Thought { content: format!("the user pasted {key}"), sequence_number: 1 });
+    r.tool_calls.push(ToolCall {
+        tool_name: "shell".into(),
+        tool_input: format!("curl -H 'Authorization: Bearer {key}'"),
+        tool_observation: Some(format!("echo {key}")),
+        sequence_number: 1,
+        duration_ms: None,
+        thought_sequence_number: None,
+        error: Some(format!("bad {key}")),
+    });
+    r.attributes.insert("apiKey".into(), serde_json::json!("plain-looking-value"));
+    r.attributes.insert("nested".into(), serde_json::json!({"list": [format!("x {key}")], "client_secret": "abc"}));
+    r.attributes.insert("commit".into(), serde_json::json!("9fceb02d0ae598e95dc970b74767f19372d61af8"));
+    let changed = masker.mask_record(&mut r);
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(!json.contains(key) && !json.contains("plain-looking-value") && !json.contains("\"abc\""), "{json}");
+    assert!(json.contains("9fceb02d0ae598e95dc970b74767f19372d61af8"), "a git SHA is not a secret: {json}");
+    assert_eq!(changed, 10, "{json}");
+    assert!(!is_secret_key("secretName") && is_secret_key("DB_PASSWORD") && is_secret_key("apiKey"));
 }
