@@ -210,7 +210,9 @@ pub trait Store: BatchSink {
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError>;
 
     /// Number of stored interactions.
-    async fn count_interactions(&self) -> Result<u64, StoreError>;
+    async fn count_interactions(&self) -> Result<u64, StoreError> {
+        self.count_matching(&Filter::default()).await
+    }
 
     /// How many interactions match `filter`.
     async fn count_matching(&self, filter: &Filter) -> Result<u64, StoreError>;

@@ -16,9 +16,6 @@ use crate::model::{Interaction, Status};
 /// The migrations recorded as applied.
 pub const SELECT_APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
 
-/// Number of interactions.
-pub const COUNT_INTERACTIONS: &str = "SELECT count(*) FROM interactions";
-
 /// An interaction in full: its columns, its session's client details and its children
 /// as JSON text.
 #[derive(Debug, sqlx::FromRow)]

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
 use super::read::{self, Fetch, ReadRow};
-use super::rows::{COUNT_INTERACTIONS, SELECT_APPLIED_MIGRATIONS};
+use super::rows::SELECT_APPLIED_MIGRATIONS;
 use super::sql::{Param, Sql};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
@@ -294,11 +294,6 @@ impl Store for SqliteStore {
     #[instrument(skip(self))]
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
         read::interaction(self, interaction_id).await
-    }
-
-    async fn count_interactions(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(COUNT_INTERACTIONS).fetch_one(&self.pool).await.map_err(classify)?;
-        Ok(n as u64)
     }
 
     async fn count_matching(&self, filter: &Filter) -> Result<u64, StoreError> {
