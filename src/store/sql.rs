@@ -128,10 +128,11 @@ impl Sql {
         }
     }
 
-    /// Appends the keyset condition of a newest-first page.
-    pub fn before(&mut self, keyset: Option<Keyset>) -> &mut Sql {
+    /// Appends the keyset condition of a newest-first page ordered by `position` (the
+    /// `(time, id)` columns): only rows older than `keyset`, the last row of the page before.
+    pub fn before(&mut self, position: &str, keyset: Option<Keyset>) -> &mut Sql {
         if let Some(k) = keyset {
-            self.push(" AND (i.created_at, i.id) < (").bind(Param::Time(k.created_at));
+            self.push(" AND ").push(position).push(" < (").bind(Param::Time(k.created_at));
             self.push(", ").bind(Param::Int(k.id)).push(")");
         }
         self
@@ -253,7 +254,7 @@ pub(crate) fn select_page(backend: Backend, filter: &Filter, after: Option<Keyse
     (SELECT count(*) FROM thoughts th WHERE th.interaction_id = i.interaction_id) AS thought_count
 FROM interactions i WHERE true",
     );
-    sql.filter(filter).before(after);
+    sql.filter(filter).before("(i.created_at, i.id)", after);
     sql.push(" ORDER BY i.created_at DESC, i.id DESC LIMIT ").bind(Param::Int(limit.into()));
     sql
 }
@@ -265,10 +266,7 @@ pub(crate) fn select_dead_letters(backend: Backend, before: Option<Keyset>, limi
         "SELECT d.id, CAST(d.interaction_id AS TEXT) AS interaction_id, d.record, d.error, d.attempts, d.failed_at
 FROM dead_letters d WHERE true",
     );
-    if let Some(k) = before {
-        sql.push(" AND (d.failed_at, d.id) < (").bind(Param::Time(k.created_at));
-        sql.push(", ").bind(Param::Int(k.id)).push(")");
-    }
+    sql.before("(d.failed_at, d.id)", before);
     sql.push(" ORDER BY d.failed_at DESC, d.id DESC LIMIT ").bind(Param::Int(limit.into()));
     sql
 }
