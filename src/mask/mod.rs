@@ -64,8 +64,7 @@ struct Rule {
 pub struct Masker {
     rules: Vec<Rule>,
     prefilter: RegexSet,
-    /// Kubernetes Secret manifests are masked by structure, not one regex.
-    k8s_secrets: bool,
+    /// Values of Kubernetes Secret manifests masked (by structure, not by a regex).
     k8s_masked: AtomicU64,
 }
 
@@ -109,17 +108,15 @@ impl Masker {
         }
         let prefilter = RegexSet::new(rules.iter().map(|r| r.regex.as_str()))
             .map_err(|cause| MaskError::Pattern { rule: "(set)".into(), cause })?;
-        Ok(Masker { rules, prefilter, k8s_secrets: true, k8s_masked: AtomicU64::new(0) })
+        Ok(Masker { rules, prefilter, k8s_masked: AtomicU64::new(0) })
     }
 
     /// Masks `text`; borrows it back unchanged when nothing matched.
     pub fn mask<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
-        if self.k8s_secrets {
-            if let Some((masked, n)) = k8s::mask_secret_values(&out) {
-                self.k8s_masked.fetch_add(n, Ordering::Relaxed);
-                out = Cow::Owned(masked);
-            }
+        if let Some((masked, n)) = k8s::mask_secret_values(&out) {
+            self.k8s_masked.fetch_add(n, Ordering::Relaxed);
+            out = Cow::Owned(masked);
         }
         let hits = self.prefilter.matches(&out);
         if !hits.matched_any() {
