@@ -11,7 +11,7 @@ use axum::Json;
 use futures::StreamExt;
 
 use super::{ApiError, AppState};
-use crate::export::{self, Format};
+use crate::export;
 use crate::model::id_from_key;
 use crate::query::{self, ListRequest, ParamError, Params, QueryError};
 
@@ -83,11 +83,7 @@ pub(super) async fn overview(State(app): State<AppState>, RawQuery(q): RawQuery)
 /// ends without its terminator), which every HTTP client reports as an incomplete
 /// download rather than a short file that looks whole.
 pub(super) async fn export(State(app): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    let mut params = Params::from_query(q.as_deref());
-    let filter = params.take_filter()?;
-    let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
-    let format = params.take_choice("format", |s| s.parse::<Format>().ok(), &names)?.unwrap_or(Format::Ndjson);
-    params.finish()?;
+    let (filter, format) = query::export_request(Params::from_query(q.as_deref()))?;
     let Ok(permit) = app.exports.clone().try_acquire_owned() else {
         let busy = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -14,7 +14,7 @@ use comfy_table::{presets, Cell, CellAlignment, ColumnConstraint, ContentArrange
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::export::{self, Format};
+use crate::export;
 use crate::query::{self, ListRequest, ParamError, Params};
 use crate::store::{InteractionSummary, StatsRow, Store};
 
@@ -365,10 +365,8 @@ pub struct ExportArgs {
 /// Runs `export`: streams from the database into the file, with a progress bar on a
 /// terminal.
 pub async fn run_export(store: Arc<dyn Store>, args: ExportArgs) -> anyhow::Result<()> {
-    let format: Format = args.format.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
-    let mut params = args.filter.params([]);
-    let filter = params.take_filter().map_err(option_error)?;
-    params.finish().map_err(option_error)?;
+    let (filter, format) =
+        query::export_request(args.filter.params([("format", args.format.clone())])).map_err(option_error)?;
 
     let total = store.count_matching(&filter).await.context("counting the interactions to export")?;
     // indicatif draws nothing when stderr is not a terminal, so piped runs stay quiet.

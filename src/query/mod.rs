@@ -8,6 +8,8 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::export::Format;
+
 use crate::store::{
     Bucket, DeadLetter, Filter, FrequentQuestion, GroupBy, InteractionSummary, Keyset, SessionView, StatsRequest,
     StatsRow, Store, StoreError,
@@ -122,6 +124,15 @@ pub fn stats_request(mut params: Params) -> Result<StatsRequest, ParamError> {
     }
     params.finish()?;
     Ok(StatsRequest { filter, group_by, bucket, top })
+}
+
+/// Reads an export request: the filters and `format` (ndjson when not given).
+pub fn export_request(mut params: Params) -> Result<(Filter, Format), ParamError> {
+    let filter = params.take_filter()?;
+    let names: Vec<&str> = Format::ALL.iter().map(|f| f.as_str()).collect();
+    let format = params.take_choice("format", |s| s.parse::<Format>().ok(), &names)?.unwrap_or(Format::Ndjson);
+    params.finish()?;
+    Ok((filter, format))
 }
 
 /// Stats as the API returns them.
