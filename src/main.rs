@@ -34,6 +34,9 @@ async fn main() -> std::process::ExitCode {
     }
     match cli::run(cli, config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader went away (`… | head`): the output was wanted only so far, as
+        // every Unix tool treats it.
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Once: as a structured log line for JSON logs, else as a plain message.
             if json {
@@ -44,4 +47,16 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// True when the error is, at bottom, a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let kind = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            // serde_json keeps the writer's error inside its own.
+            None => cause.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::server::{bin, run, Server, ServerBuilder};
+use crate::common::server::{bin, run, ChildGuard, Server, ServerBuilder, COMMAND_TIMEOUT};
 use crate::common::{free_port, TestDb};
 use opsagent_audit::config::Config;
 use opsagent_audit::store;
@@ -360,4 +360,41 @@ async fn serve_with_insecure_listens_beyond_loopback() {
     assert_eq!(ready.status(), 200, "serve migrated the database at start-up");
     let status = server.terminate(Duration::from_secs(25)).await;
     assert!(status.success(), "exit status {status}:\n{}", server.log_text());
+}
+
+/// `query … | head`: the reader closing the pipe early ends the command quietly with
+/// status 0, as Unix tools do, not with `error: Broken pipe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::Read;
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let records: Vec<_> = (0..2_000)
+        .map(|i| {
+            let mut r = opsagent_audit::model::Interaction::new(format!("question {i} {}", "x".repeat(200)));
+            r.final_answer = Some("y".repeat(500));
+            r
+        })
+        .collect();
+    store.write_batch(&records).await.expect("seed");
+    store.close().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for format in ["ndjson", "json"] {
+        let mut child = bin(dir.path())
+            .args(["--database-url", &db.url, "query", "--all", "--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start query");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 64];
+        stdout.read_exact(&mut first).expect("some output");
+        drop(stdout);
+        let mut guard = ChildGuard(child);
+        let status = guard.wait_timeout(COMMAND_TIMEOUT).expect("query exits");
+        let mut stderr = String::new();
+        guard.0.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+        assert_eq!(status.code(), Some(0), "{format}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{format}: {stderr}");
+    }
 }
