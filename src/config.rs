@@ -93,6 +93,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The disk spool records go to when the database is down or slow.
     pub spool: SpoolConfig,
+    /// Secrets (and optionally personal data) replaced before a record is kept.
+    pub masking: MaskingConfig,
+    /// API tokens and their roles.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -105,6 +109,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             limits: LimitsConfig::default(),
             spool: SpoolConfig::default(),
+            masking: MaskingConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -378,11 +384,115 @@ pub struct LimitsConfig {
     pub max_records_per_request: usize,
     /// Text fields longer than this are truncated with a visible marker.
     pub max_field_bytes: usize,
+    /// Requests per second one API token may make (`429` beyond); `0`: unlimited.
+    /// Applies only when tokens are configured.
+    pub requests_per_second: u32,
+    /// Requests a token may make in a burst above that rate; `0`: the same as the rate.
+    pub request_burst: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_body_bytes: 16 * 1024 * 1024, max_records_per_request: 10_000, max_field_bytes: 1024 * 1024 }
+        LimitsConfig {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_records_per_request: 10_000,
+            max_field_bytes: 1024 * 1024,
+            requests_per_second: 200,
+            request_burst: 400,
+        }
+    }
+}
+
+/// `audit.masking`: what is replaced in a record's text before it is queued, spooled or
+/// stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskingConfig {
+    /// Mask secrets (API keys, tokens, passwords, private keys, Secret manifests…).
+    /// On by default; turning it off stores what agents send verbatim.
+    pub enabled: bool,
+    /// Also mask personal data: e-mail addresses, phone numbers, Chinese resident ID
+    /// numbers, and truncate IP addresses.
+    pub pii: bool,
+    /// Rules of your own, applied after the built-in ones.
+    pub rules: Vec<CustomRule>,
+}
+
+impl Default for MaskingConfig {
+    fn default() -> Self {
+        MaskingConfig { enabled: true, pii: false, rules: Vec::new() }
+    }
+}
+
+/// A masking rule from configuration: its name, pattern and replacement (default: the
+/// marker naming it, `[MASKED:<name>]`). A capture group named `secret`, if present, is
+/// what is replaced; otherwise the whole match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomRule {
+    /// Name shown in the marker and the metrics: lowercase letters, digits and `_`.
+    pub name: String,
+    /// The pattern (Rust `regex` syntax).
+    pub regex: String,
+    /// Replacement text; default `[MASKED:<name>]`.
+    #[serde(default)]
+    pub replacement: Option<String>,
+}
+
+/// `audit.auth`: who may call the API. Without tokens the API is open, and `serve` then
+/// refuses to listen beyond loopback unless given `--insecure`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The accepted bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+    /// Let anyone scrape `/metrics` (otherwise it takes a `read` token when tokens are
+    /// configured).
+    pub metrics_public: bool,
+}
+
+/// One API token: never the token itself, but where to find it or its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it (in logs and metrics; never the token).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// The environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The token's SHA-256, 64 hex digits (`printf %s "$TOKEN" | sha256sum`).
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+}
+
+/// What a token may do. Each role includes nothing of the others but `admin`, which may
+/// do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Send records (write only).
+    Ingest,
+    /// Query, stats, export, the dashboard, metrics.
+    Read,
+    /// Everything, dead letters and maintenance included.
+    Admin,
+}
+
+impl Role {
+    /// The role's name as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// True when a holder of `self` may do what needs `required`.
+    pub fn allows(self, required: Role) -> bool {
+        self == Role::Admin || self == required
     }
 }
 
@@ -470,6 +580,8 @@ impl Config {
                 });
             }
         }
+        self.validate_masking()?;
+        self.validate_auth()?;
         let t = &self.retention.cleanup_time;
         let valid_time = t
             .split_once(':')
@@ -485,6 +597,56 @@ impl Config {
         self.database.resolved_url().map(|_| ())
     }
 
+    fn validate_masking(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, rule) in self.masking.rules.iter().enumerate() {
+            let key = format!("audit.masking.rules[{i}]");
+            let invalid_name = rule.name.is_empty()
+                || !rule.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if invalid_name {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("`{}`: use lowercase letters, digits and `_`", rule.name),
+                ));
+            }
+            if !names.insert(&rule.name) {
+                return Err(invalid(format!("{key}.name"), format!("`{}` is used by another rule", rule.name)));
+            }
+            if let Err(e) = regex::Regex::new(&rule.regex) {
+                return Err(invalid(format!("{key}.regex"), format!("invalid pattern: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let key = format!("audit.auth.tokens[{i}]");
+            if token.name.trim().is_empty() {
+                return Err(invalid(format!("{key}.name"), "must not be empty".into()));
+            }
+            if !names.insert(&token.name) {
+                return Err(invalid(format!("{key}.name"), format!("`{}` is used by another token", token.name)));
+            }
+            match (&token.token_env, &token.token_sha256) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        key,
+                        "give exactly one of `token_env` (an environment variable holding the token) or \
+                         `token_sha256` (its SHA-256 in hex); tokens are never written in the file"
+                            .into(),
+                    ))
+                }
+                (None, Some(hash)) if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    return Err(invalid(format!("{key}.token_sha256"), "must be 64 hex digits (a SHA-256)".into()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The environment variable names that override keys, with the dotted key each sets.
     pub fn env_keys() -> Vec<(String, String)> {
         let tree = serde_yaml_ng::to_value(Config::default()).expect("default config serialises");
@@ -498,6 +660,11 @@ impl Config {
         keys.push(("AUDIT_LISTEN".into(), "audit.server.listen".into()));
         keys
     }
+}
+
+/// A [`ConfigError::Key`] found by validation (not from a particular source).
+fn invalid(key: String, message: String) -> ConfigError {
+    ConfigError::Key { key, origin: String::new(), message }
 }
 
 /// Dotted YAML key (with the `audit.` prefix) of a deserialisation error.

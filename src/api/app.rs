@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{router, AppState};
+use super::{router, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
+use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::store::{self, Store, StoreError};
 
@@ -46,6 +47,12 @@ pub enum AppError {
     /// The store could not be opened (not: the database is down, which is waited out).
     #[error("opening the database")]
     Store(#[from] StoreError),
+    /// A configured API token cannot be read.
+    #[error(transparent)]
+    Auth(#[from] super::AuthError),
+    /// A masking rule is unusable.
+    #[error(transparent)]
+    Mask(#[from] MaskError),
     /// The spool directory could not be opened.
     #[error("opening the spool")]
     Spool(#[from] SpoolError),
@@ -82,9 +89,11 @@ impl Application {
     /// without waiting for the database when it does not answer at once.
     pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
         let listen = config.server.listen;
-        if !listen.ip().is_loopback() && !insecure {
+        let auth = Authenticator::new(&config.auth, &config.limits, |var| std::env::var(var).ok())?;
+        if !listen.ip().is_loopback() && !insecure && !auth.is_enabled() {
             return Err(AppError::Unprotected(listen));
         }
+        let masker = Masker::from_config(&config.masking)?.map(Arc::new);
         let url = config.database.resolved_url()?;
         let store = store::connect(&url, &config.database).await?;
         let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
@@ -99,7 +108,7 @@ impl Application {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
         };
-        let logger = start_pipeline(&config, store.clone(), not_ready.as_ref()).await?;
+        let logger = start_pipeline(&config, store.clone(), masker.clone(), not_ready.as_ref()).await?;
         let stop_startup = CancellationToken::new();
         let startup = match not_ready {
             None => {
@@ -121,7 +130,7 @@ impl Application {
             database = %redact_url(&url),
             "opsagent-audit listening"
         );
-        let state = AppState::new(logger, store, config);
+        let state = AppState::new(logger, store, config, masker, auth);
         Ok(Application { listener, state, startup, stop_startup })
     }
 
@@ -174,11 +183,13 @@ impl Application {
     }
 }
 
-/// Opens the spool (if configured) and starts the pipeline, waiting for the database
-/// when `not_ready` says why it is not ready.
+/// Opens the spool (if configured) and starts the pipeline with masking (unless
+/// `audit.masking.enabled` is off), waiting for the database when `not_ready` says why it
+/// is not ready.
 async fn start_pipeline(
     config: &Config,
     store: Arc<dyn Store>,
+    masker: Option<Arc<Masker>>,
     not_ready: Option<&String>,
 ) -> Result<AuditLogger, AppError> {
     if !config.enabled {
@@ -196,10 +207,14 @@ async fn start_pipeline(
         tracing::warn!("audit.spool.enabled is false: records live only in memory until committed");
         None
     };
-    Ok(match not_ready {
-        None => AuditLogger::start_with_spool(store, &config.pipeline, &config.limits, spool),
-        Some(reason) => AuditLogger::start_waiting(store, &config.pipeline, &config.limits, spool, reason),
-    })
+    let mut builder = AuditLogger::builder(store, &config.pipeline, &config.limits)
+        .spool(spool)
+        .waiting_for(not_ready.map(|r| r.as_str()));
+    match masker {
+        Some(masker) => builder = builder.stage(masker),
+        None => tracing::warn!("audit.masking.enabled is false: records are stored with any secrets they carry"),
+    }
+    Ok(builder.start())
 }
 
 /// What a [`prepare_database`] task came to, a task that died counting as a failure.

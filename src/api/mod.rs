@@ -13,17 +13,22 @@ use serde_json::json;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::mask::Masker;
 use crate::pipeline::AuditLogger;
 use crate::store::Store;
 
 mod app;
+pub mod auth;
 mod error;
 mod ingest;
+pub mod metrics;
 mod read;
 
 pub use app::{AppError, Application};
+pub use auth::{AuthError, Authenticator, Caller};
 pub use error::{ApiError, ErrorBody};
 pub use ingest::{IngestResponse, RecordResult, RecordStatus};
+pub use metrics::Metrics;
 
 /// How long `/readyz` waits for the database to answer.
 const READINESS_PROBE: Duration = Duration::from_secs(3);
@@ -40,33 +45,61 @@ pub struct AppState {
     /// Exports running now. Each holds a database connection for as long as its client
     /// takes to download, so they are few, and the pool stays free for the writers.
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Who may call what.
+    pub auth: Arc<Authenticator>,
+    /// The registry `/metrics` reports.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Exports that may run at once; one more is answered `429`.
 pub const MAX_CONCURRENT_EXPORTS: usize = 2;
 
 impl AppState {
-    /// The state of a server writing through `logger` and reading from `store`.
-    pub fn new(logger: AuditLogger, store: Arc<dyn Store>, config: Config) -> AppState {
+    /// The state of a server writing through `logger` (whose masking stage, if any, is
+    /// `masker`, for its counts), reading from `store`, checking callers with `auth`.
+    pub fn new(
+        logger: AuditLogger,
+        store: Arc<dyn Store>,
+        config: Config,
+        masker: Option<Arc<Masker>>,
+        auth: Authenticator,
+    ) -> AppState {
         AppState {
+            metrics: Arc::new(Metrics::new(logger.clone(), masker)),
             logger,
             store,
             config: Arc::new(config),
             exports: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
+            auth: Arc::new(auth),
         }
     }
 }
 
-/// Builds the router.
+/// Builds the router. Each endpoint's role is declared here, beside its route: `ingest`
+/// writes, `read` reads, `admin` sees what was refused; health stays open.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/interactions", post(ingest::post_interactions).get(read::list))
+    use axum::middleware::from_fn_with_state as guard;
+    let ingest = Router::new()
+        .route("/api/v1/interactions", post(ingest::post_interactions))
+        .route_layer(guard(state.clone(), auth::require_ingest));
+    let read = Router::new()
+        .route("/api/v1/interactions", get(read::list))
         .route("/api/v1/interactions/{interaction_id}", get(read::interaction))
         .route("/api/v1/sessions/{session_id}", get(read::session))
-        .route("/api/v1/dead-letters", get(read::dead_letters))
         .route("/api/v1/stats", get(read::stats))
         .route("/api/v1/stats/overview", get(read::overview))
         .route("/api/v1/export", get(read::export))
+        .route_layer(guard(state.clone(), auth::require_read));
+    let admin = Router::new()
+        .route("/api/v1/dead-letters", get(read::dead_letters))
+        .route_layer(guard(state.clone(), auth::require_admin));
+    let metrics =
+        Router::new().route("/metrics", get(metrics::metrics)).route_layer(guard(state.clone(), auth::require_metrics));
+    Router::new()
+        .merge(ingest)
+        .merge(read)
+        .merge(admin)
+        .merge(metrics)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

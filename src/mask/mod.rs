@@ -11,12 +11,17 @@
 //! and replace. Rules whose shape a regex cannot check alone (a Chinese ID's checksum, a
 //! phone number not glued to other digits) carry a validator.
 //!
-//! Not wired into the pipeline yet: see issue #9.
+//! The [`Masker`] is a pipeline [`Stage`](crate::pipeline::Stage): whoever builds the
+//! logger from a configuration ([`Masker::from_config`]) hands it in, and the pipeline
+//! runs it over every record before the record goes anywhere.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use regex::{Captures, Regex, RegexSet};
+
+use crate::config::MaskingConfig;
+use crate::pipeline::Stage;
 
 mod k8s;
 mod rules;
@@ -36,18 +41,7 @@ pub enum MaskError {
     },
 }
 
-/// A custom rule from configuration: its name, pattern and replacement (default: the
-/// marker naming it). A capture group named `secret`, if present, is what is replaced.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-pub struct CustomRule {
-    /// Name shown in the marker and the counts.
-    pub name: String,
-    /// The pattern (Rust `regex` syntax).
-    pub regex: String,
-    /// Replacement text; default `[MASKED:<name>]`.
-    #[serde(default)]
-    pub replacement: Option<String>,
-}
+pub use crate::config::CustomRule;
 
 /// A compiled rule.
 struct Rule {
@@ -109,6 +103,14 @@ impl Masker {
         let prefilter = RegexSet::new(rules.iter().map(|r| r.regex.as_str()))
             .map_err(|cause| MaskError::Pattern { rule: "(set)".into(), cause })?;
         Ok(Masker { rules, prefilter, k8s_masked: AtomicU64::new(0) })
+    }
+
+    /// The masker `audit.masking` asks for, or `None` when masking is off.
+    pub fn from_config(config: &MaskingConfig) -> Result<Option<Masker>, MaskError> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        Masker::new(config.pii, &config.rules).map(Some)
     }
 
     /// Masks `text`; borrows it back unchanged when nothing matched.
@@ -231,6 +233,12 @@ fn apply(rule: &Rule, text: &str) -> Option<String> {
     }
     rule.masked.fetch_add(changed, Ordering::Relaxed);
     Some(replaced.into_owned())
+}
+
+impl Stage for Masker {
+    fn process(&self, record: &mut crate::model::Interaction) -> usize {
+        self.mask_record(record)
+    }
 }
 
 #[cfg(test)]

@@ -78,7 +78,6 @@ pub fn builtin_rules() -> Vec<RuleSpec> {
         spec("slack_token", r"\b(?:xox[abposr]-[A-Za-z0-9\-]{10,}|xapp-[A-Za-z0-9\-]{10,})"),
         spec("google_api_key", r"\bAIza[0-9A-Za-z_\-]{35}"),
         spec("url_password", r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:(?P<secret>[^\s@/]+)@"),
-        spec("connection_string", r#"(?i)(?:^|[;\s"'])(?:password|pwd)[ \t]*=[ \t]*(?P<secret>[^;"'\s]+)"#),
         spec(
             "password_pair",
             &format!(
@@ -86,6 +85,9 @@ pub fn builtin_rules() -> Vec<RuleSpec> {
             ),
         ),
         spec("password_pair", r"(?:密码|口令|令牌|密钥)[ \t]*[:：=][ \t]*(?P<secret>[^\s，。,;；]{3,})"),
+        // After the pairs: a bare `password=…` is a pair; this catches what they leave,
+        // the `Pwd=…;` of ADO.NET/ODBC strings.
+        spec("connection_string", r#"(?i)(?:^|[;\s"'])(?:password|pwd)[ \t]*=[ \t]*(?P<secret>[^;"'\s]+)"#),
         pii("email", r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"),
         pii("phone", r"\+\d{1,3}[ \-]?\(?\d{2,4}\)?[ \-]?\d{3,4}[ \-]?\d{3,4}"),
         RuleSpec { validate: Some(not_glued_to_digits), ..pii("phone", r"1[3-9]\d{9}") },

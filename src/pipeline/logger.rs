@@ -13,6 +13,7 @@ use super::health::Health;
 use super::queue::MemoryQueue;
 use super::shared::{Settings, Shared, SpillCause};
 use super::spool::{Spool, SpoolError};
+use super::stage::Stage;
 use super::stats::{DropReason, PipelineStats, RateLimitedLog, StatsSnapshot};
 use super::writer;
 use crate::config::{AsyncConfig, LimitsConfig};
@@ -82,9 +83,10 @@ impl std::fmt::Debug for AuditLogger {
 
 impl AuditLogger {
     /// Starts the writers on the current Tokio runtime, with memory only: without a
-    /// spool, records live in memory until committed.
+    /// spool, records live in memory until committed. No [`Stage`]s: see
+    /// [`AuditLogger::builder`].
     pub fn start(sink: Arc<dyn BatchSink>, config: &AsyncConfig, limits: &LimitsConfig) -> AuditLogger {
-        Self::start_with_spool(sink, config, limits, None)
+        Self::builder(sink, config, limits).start()
     }
 
     /// Starts the writers with an opened spool; records it holds from an earlier run
@@ -95,13 +97,11 @@ impl AuditLogger {
         limits: &LimitsConfig,
         spool: Option<Spool>,
     ) -> AuditLogger {
-        Self::launch(sink, config, limits, spool, None)
+        Self::builder(sink, config, limits).spool(spool).start()
     }
 
-    /// Starts the writers before the database is ready for writes (unreachable, or not
-    /// migrated yet): records are spooled (or, without a spool, held in memory) and
-    /// nothing is written until [`AuditLogger::set_store_ready`]. `waiting_for` says
-    /// why, for `/readyz`.
+    /// Starts the writers before the database is ready for writes: see
+    /// [`LoggerBuilder::waiting_for`].
     pub fn start_waiting(
         sink: Arc<dyn BatchSink>,
         config: &AsyncConfig,
@@ -109,16 +109,25 @@ impl AuditLogger {
         spool: Option<Spool>,
         waiting_for: &str,
     ) -> AuditLogger {
-        Self::launch(sink, config, limits, spool, Some(waiting_for))
+        Self::builder(sink, config, limits).spool(spool).waiting_for(Some(waiting_for)).start()
     }
 
-    fn launch(
-        sink: Arc<dyn BatchSink>,
-        config: &AsyncConfig,
-        limits: &LimitsConfig,
-        spool: Option<Spool>,
-        waiting_for: Option<&str>,
-    ) -> AuditLogger {
+    /// A logger writing to `sink`, to be completed with a spool, stages and start-up
+    /// state, then started.
+    pub fn builder(sink: Arc<dyn BatchSink>, config: &AsyncConfig, limits: &LimitsConfig) -> LoggerBuilder {
+        LoggerBuilder {
+            sink,
+            config: config.clone(),
+            limits: limits.clone(),
+            spool: None,
+            waiting_for: None,
+            stages: Vec::new(),
+        }
+    }
+
+    fn launch(builder: LoggerBuilder) -> AuditLogger {
+        let LoggerBuilder { sink, config, limits, spool, waiting_for, stages } = builder;
+        let waiting_for = waiting_for.as_deref();
         let batch_size = config.batch_size.max(1);
         let spool_batches = spool.as_ref().map(|spool| tokio::sync::Mutex::new(spool.start_reader(batch_size)));
         let shared = Arc::new(Shared {
@@ -130,6 +139,7 @@ impl AuditLogger {
                 batch_interval: Duration::from_millis(config.batch_interval_ms.max(1)),
                 max_field_bytes: limits.max_field_bytes,
             },
+            stages,
             give_up: CancellationToken::new(),
             spool,
             spool_batches,
@@ -143,6 +153,7 @@ impl AuditLogger {
             queue_size = config.queue_size,
             batch_size = config.batch_size,
             batch_interval_ms = config.batch_interval_ms,
+            stages = shared.stages.len(),
             spool = ?shared.spool.as_ref().map(|s| s.dir().display().to_string()),
             database_ready = waiting_for.is_none(),
             "audit pipeline started"
@@ -384,12 +395,57 @@ impl AuditLogger {
     }
 }
 
-/// Counts and sanitises a record on its way in.
+/// Counts a record on its way in, runs the stages (masking) over it, then sanitises it:
+/// the one door every record comes through, so nothing reaches the queue, the spool, a
+/// dead letter or a log line unmasked.
 fn prepare(shared: &Shared, mut record: Interaction) -> Interaction {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    // Masking runs before truncation so a secret straddling the cut is still seen whole.
+    for stage in &shared.stages {
+        stage.process(&mut record);
+    }
     let changed = record.sanitize(shared.settings.max_field_bytes);
     if changed > 0 {
         shared.stats.sanitized_fields.fetch_add(changed as u64, Ordering::Relaxed);
     }
     record
+}
+
+/// How a logger is put together before it starts: [`AuditLogger::builder`].
+#[must_use = "a builder does nothing until `start`"]
+pub struct LoggerBuilder {
+    sink: Arc<dyn BatchSink>,
+    config: AsyncConfig,
+    limits: LimitsConfig,
+    spool: Option<Spool>,
+    waiting_for: Option<String>,
+    stages: Vec<Arc<dyn Stage>>,
+}
+
+impl LoggerBuilder {
+    /// The disk spool (`None`: memory only); what it holds from an earlier run is
+    /// replayed at once.
+    pub fn spool(mut self, spool: Option<Spool>) -> Self {
+        self.spool = spool;
+        self
+    }
+
+    /// The database is not ready for writes yet (unreachable, or not migrated), for this
+    /// reason (shown by `/readyz`): records are spooled (or, without a spool, held in
+    /// memory) and nothing is written until [`AuditLogger::set_store_ready`].
+    pub fn waiting_for(mut self, reason: Option<&str>) -> Self {
+        self.waiting_for = reason.map(str::to_owned);
+        self
+    }
+
+    /// Adds a stage every record passes through on its way in, after those added before.
+    pub fn stage(mut self, stage: Arc<dyn Stage>) -> Self {
+        self.stages.push(stage);
+        self
+    }
+
+    /// Starts the writers on the current Tokio runtime.
+    pub fn start(self) -> AuditLogger {
+        AuditLogger::launch(self)
+    }
 }

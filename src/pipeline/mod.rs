@@ -13,7 +13,8 @@
 //!   before it returns, or reports what it could not write by the deadline.
 //!
 //! # Shape
-//! Producers push [`Envelope`]s (a sanitised record, its enqueue time, and an optional
+//! Every record first passes the [`Stage`]s the logger was built with (masking), then
+//! is sanitised. Producers push [`Envelope`]s (a masked, sanitised record, its enqueue time, and an optional
 //! channel resolved on commit) into a [`MemoryQueue`]. `workers` writer tasks each take the
 //! next [`Batch`] (`batch_size` records, or fewer once the oldest has waited
 //! `batch_interval_ms`), write it, and resolve each envelope's acknowledgement with the
@@ -40,7 +41,7 @@
 //! # Files
 //! [`envelope`] (a record in flight, batches, outcomes), [`queue`] (the bounded memory
 //! queue), [`stats`] (counters, drop reasons), `health` (is the database taking writes),
-//! `shared` (spill and drop), `writer` (the batch writers), [`logger`] (the producer's
+//! `shared` (spill and drop), `stage` (work done on the way in), `writer` (the batch writers), [`logger`] (the producer's
 //! handle, start and shutdown), [`spool`] (the disk spool).
 
 pub mod envelope;
@@ -49,12 +50,14 @@ pub mod logger;
 pub mod queue;
 mod shared;
 pub mod spool;
+mod stage;
 pub mod stats;
 mod writer;
 
 pub use envelope::{Batch, Envelope, Origin, Outcome};
 pub(crate) use health::backoff;
-pub use logger::{AuditLogger, Durable, NotDurable, ShutdownReport};
+pub use logger::{AuditLogger, Durable, LoggerBuilder, NotDurable, ShutdownReport};
 pub use queue::MemoryQueue;
 pub use spool::{Spool, SpoolError, SpoolRef, SpoolStats, Spooled};
+pub use stage::Stage;
 pub use stats::{DropReason, PipelineStats, StatsSnapshot};

@@ -11,6 +11,7 @@ use super::envelope::{Envelope, Origin, Outcome};
 use super::health::Health;
 use super::queue::MemoryQueue;
 use super::spool::{Spool, SpoolError, Spooled};
+use super::stage::Stage;
 use super::stats::{DropReason, PipelineStats, RateLimitedLog};
 use crate::store::BatchSink;
 
@@ -65,6 +66,8 @@ pub(crate) struct Shared {
     pub(crate) sink: Arc<dyn BatchSink>,
     pub(crate) stats: Arc<PipelineStats>,
     pub(crate) settings: Settings,
+    /// What every record goes through on its way in (masking).
+    pub(crate) stages: Vec<Arc<dyn Stage>>,
     /// Cancelled when shutdown's deadline passes: writers stop retrying.
     pub(crate) give_up: CancellationToken,
     /// The disk spool, when configured.

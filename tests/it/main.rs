@@ -12,6 +12,7 @@ mod ingest_http;
 mod pg_cluster;
 mod pipeline;
 mod query;
+mod security;
 mod spool;
 mod spool_props;
 mod store;

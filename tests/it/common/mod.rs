@@ -15,7 +15,7 @@ pub mod spool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opsagent_audit::api::{router, AppState, Application};
+use opsagent_audit::api::{router, AppState, Application, Authenticator};
 use opsagent_audit::config::{AsyncConfig, Config, LimitsConfig};
 use opsagent_audit::pipeline::{AuditLogger, ShutdownReport};
 use opsagent_audit::store::{self, Store};
@@ -93,6 +93,35 @@ impl TestDb {
             name: String::new(),
             admin_url: String::new(),
             _dir: Some(dir),
+        }
+    }
+
+    /// True for a SQLite file.
+    pub fn is_sqlite(&self) -> bool {
+        self.url.starts_with("sqlite:")
+    }
+
+    /// Another fresh database of the same backend.
+    pub async fn like(&self) -> TestDb {
+        if self.is_sqlite() {
+            TestDb::sqlite()
+        } else {
+            TestDb::postgres().await
+        }
+    }
+
+    /// Runs SQL statements on the (migrated) database over a connection of its own, as
+    /// someone with a SQL client would.
+    pub async fn execute(&self, sql: &str) {
+        self.store().await.close().await;
+        if self.is_sqlite() {
+            let mut c = sqlx::sqlite::SqliteConnection::connect(&self.url).await.expect("open SQLite");
+            c.execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            c.close().await.ok();
+        } else {
+            let mut c = PgConnection::connect(&self.url).await.expect("connect PostgreSQL");
+            c.execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            c.close().await.ok();
         }
     }
 
@@ -196,7 +225,8 @@ pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
 pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Config) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = format!("http://{}", listener.local_addr().expect("addr"));
-    let state = AppState::new(logger.clone(), store.clone(), config);
+    let auth = Authenticator::new(&config.auth, &config.limits, |_| None).expect("tests configure tokens by digest");
+    let state = AppState::new(logger.clone(), store.clone(), config, None, auth);
     let stop = CancellationToken::new();
     let signal = stop.clone().cancelled_owned();
     let shutdown_logger = logger.clone();

@@ -1,0 +1,165 @@
+//! `GET /metrics`: Prometheus text exposition, through `prometheus-client`.
+//!
+//! Counters the HTTP layer owns (auth failures, rate-limited requests) are registered
+//! families; the pipeline's counters and the masking counts already live in atomics of
+//! their own, so a [`Collector`] reads them at scrape time rather than keeping a second
+//! copy in step.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::auth::Refusal;
+use super::AppState;
+use crate::mask::Masker;
+use crate::pipeline::{AuditLogger, StatsSnapshot};
+
+/// Label of the auth failure counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Label naming an API token.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabel {
+    token: String,
+}
+
+/// The service's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    auth_failures: Family<ReasonLabel, Counter>,
+    rate_limited: Family<TokenLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry reporting the pipeline of `logger` and the counts of `masker`.
+    pub fn new(logger: AuditLogger, masker: Option<Arc<Masker>>) -> Metrics {
+        let mut registry = Registry::with_prefix("opsagent_audit");
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "API requests refused: no token (missing), an unknown token (invalid), the wrong role (forbidden)",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<TokenLabel, Counter>::default();
+        registry.register(
+            "rate_limited_requests",
+            "API requests refused with 429 because a token exceeded audit.limits.requests_per_second",
+            rate_limited.clone(),
+        );
+        registry.register_collector(Box::new(PipelineCollector { logger, masker }));
+        Metrics { registry, auth_failures, rate_limited }
+    }
+
+    /// Counts a refused request.
+    pub(crate) fn auth_failure(&self, refusal: Refusal) {
+        self.auth_failures.get_or_create(&ReasonLabel { reason: refusal.as_str() }).inc();
+    }
+
+    /// Counts a request refused for its token's rate.
+    pub(crate) fn rate_limited(&self, token: &str) {
+        self.rate_limited.get_or_create(&TokenLabel { token: token.to_owned() }).inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Reads the pipeline's and the masker's own counters at each scrape.
+#[derive(Debug)]
+struct PipelineCollector {
+    logger: AuditLogger,
+    masker: Option<Arc<Masker>>,
+}
+
+impl Collector for PipelineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s: StatsSnapshot = self.logger.snapshot();
+        let counters: [(&str, &str, u64); 10] = [
+            ("records_accepted", "Records taken in by the pipeline", s.accepted),
+            ("records_committed", "Records committed to the database", s.committed),
+            ("records_duplicate", "Records found already stored (re-deliveries)", s.duplicates),
+            ("records_spooled", "Records written to the disk spool", s.spooled),
+            ("records_replayed", "Records read back from the spool", s.replayed),
+            ("records_dead_lettered", "Records the database refused, kept in dead_letters", s.dead_lettered),
+            ("batches", "Batches committed", s.batches),
+            ("database_write_errors", "Batch writes that failed", s.write_errors),
+            ("database_write_retries", "Batch writes retried", s.retries),
+            ("fields_sanitized", "Text fields truncated or cleaned of NUL bytes", s.sanitized_fields),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+
+        let dropped = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "records_dropped",
+            "Records that will never be stored, by reason",
+            None,
+            dropped.metric_type(),
+        )?;
+        for (reason, value) in [
+            ("queue_full", s.dropped_queue_full),
+            ("shutdown", s.dropped_shutdown),
+            ("closed", s.dropped_closed),
+            ("database_down", s.dropped_database_down),
+            ("spool_full", s.dropped_spool_full),
+            ("spool_error", s.dropped_spool_error),
+            ("rejected", s.rejected),
+        ] {
+            ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+
+        for (name, help, value) in [
+            ("queue_records", "Records waiting in the memory queue", s.queue_len),
+            ("spool_records", "Records in the disk spool not yet committed", s.spool_records),
+            ("spool_bytes", "Bytes of the disk spool", s.spool_bytes),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+
+        if let Some(masker) = &self.masker {
+            let masked = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "masked",
+                "Secrets (and personal data) replaced before storing, by masking rule",
+                None,
+                masked.metric_type(),
+            )?;
+            for (rule, value) in masker.counts() {
+                ConstCounter::new(value).encode(family.encode_family(&[("rule", rule.as_str())])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    match app.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
