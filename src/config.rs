@@ -374,7 +374,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// `audit.limits`: bounds on what one request or record may carry.
+/// `audit.limits`: bounds on what one request or record may carry, and on what one
+/// client may hold of the server (time, connections).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -384,6 +385,24 @@ pub struct LimitsConfig {
     pub max_records_per_request: usize,
     /// Text fields longer than this are truncated with a visible marker.
     pub max_field_bytes: usize,
+    /// Most thoughts one record may carry (the record is rejected, 422, beyond).
+    pub max_thoughts_per_record: usize,
+    /// Most tool calls one record may carry (the record is rejected, 422, beyond).
+    pub max_tool_calls_per_record: usize,
+    /// Deepest nesting of objects and arrays inside a record's `attributes`; a flat map
+    /// is depth 1 (the record is rejected, 422, beyond).
+    pub max_attributes_depth: usize,
+    /// Longest a request may take from its headers being read to its answer being
+    /// ready, reading the body included (408 beyond). A response body that is already
+    /// streaming (an export download) is not cut.
+    #[serde(with = "humantime_serde_req")]
+    pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers, and the longest an idle
+    /// keep-alive connection waits for the next request; the connection is closed then.
+    #[serde(with = "humantime_serde_req")]
+    pub header_read_timeout: Duration,
+    /// Most TCP connections served at once; one more is answered `503` and closed.
+    pub max_connections: usize,
     /// Requests per second one API token may make (`429` beyond); `0`: unlimited.
     /// Applies only when tokens are configured.
     pub requests_per_second: u32,
@@ -397,6 +416,12 @@ impl Default for LimitsConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_records_per_request: 10_000,
             max_field_bytes: 1024 * 1024,
+            max_thoughts_per_record: 1000,
+            max_tool_calls_per_record: 1000,
+            max_attributes_depth: 16,
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
             requests_per_second: 200,
             request_burst: 400,
         }
@@ -569,6 +594,13 @@ impl Config {
         positive("limits.max_body_bytes", self.limits.max_body_bytes as u64)?;
         positive("limits.max_records_per_request", self.limits.max_records_per_request as u64)?;
         positive("limits.max_field_bytes", self.limits.max_field_bytes as u64)?;
+        positive("limits.max_thoughts_per_record", self.limits.max_thoughts_per_record as u64)?;
+        positive("limits.max_tool_calls_per_record", self.limits.max_tool_calls_per_record as u64)?;
+        positive("limits.max_attributes_depth", self.limits.max_attributes_depth as u64)?;
+        // A zero timeout would refuse every request; sub-millisecond ones count as zero.
+        positive("limits.request_timeout", self.limits.request_timeout.as_millis() as u64)?;
+        positive("limits.header_read_timeout", self.limits.header_read_timeout.as_millis() as u64)?;
+        positive("limits.max_connections", self.limits.max_connections as u64)?;
         if self.spool.enabled {
             positive("spool.max_bytes", self.spool.max_bytes)?;
             positive("spool.segment_bytes", self.spool.segment_bytes)?;
@@ -932,6 +964,42 @@ audit:
         assert!(err.contains("audit.async.batch_size") && err.contains("AUDIT_ASYNC_BATCH_SIZE"), "{err}");
         let err = load("audit:\n  retention:\n    cleanup_time: '25:00'\n", &[]).unwrap_err().to_string();
         assert!(err.contains("audit.retention.cleanup_time"), "{err}");
+    }
+
+    #[test]
+    fn limits_have_defaults_env_overrides_and_must_be_positive() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.limits.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!((c.limits.max_connections, c.limits.max_attributes_depth), (1024, 16));
+        let env = [
+            ("AUDIT_LIMITS_REQUEST_TIMEOUT", "2s"),
+            ("AUDIT_LIMITS_HEADER_READ_TIMEOUT", "500ms"),
+            ("AUDIT_LIMITS_MAX_CONNECTIONS", "2"),
+            ("AUDIT_LIMITS_MAX_THOUGHTS_PER_RECORD", "3"),
+            ("AUDIT_LIMITS_MAX_TOOL_CALLS_PER_RECORD", "4"),
+            ("AUDIT_LIMITS_MAX_ATTRIBUTES_DEPTH", "5"),
+        ];
+        let c = load("", &env).unwrap();
+        assert_eq!(c.limits.request_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(
+            (c.limits.max_connections, c.limits.max_thoughts_per_record, c.limits.max_tool_calls_per_record),
+            (2, 3, 4)
+        );
+        assert_eq!(c.limits.max_attributes_depth, 5);
+        for (yaml, key) in [
+            ("max_connections: 0", "audit.limits.max_connections"),
+            ("max_attributes_depth: 0", "audit.limits.max_attributes_depth"),
+            ("max_thoughts_per_record: 0", "audit.limits.max_thoughts_per_record"),
+            ("max_tool_calls_per_record: 0", "audit.limits.max_tool_calls_per_record"),
+            ("request_timeout: 0s", "audit.limits.request_timeout"),
+            ("header_read_timeout: 0s", "audit.limits.header_read_timeout"),
+            ("request_timeout: soon", "audit.limits.request_timeout"),
+        ] {
+            let err = load(&format!("audit:\n  limits:\n    {yaml}\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub async fn post_interactions(
             ApiError::new(StatusCode::BAD_REQUEST, "body_unreadable", format!("could not read request body: {e}"))
         }
     })?;
-    let parsed = ingest::parse_body(framing, &bytes, Utc::now(), app.config.limits.max_records_per_request)?;
+    let parsed = ingest::parse_body(framing, &bytes, Utc::now(), &app.config.limits)?;
     if parsed.single {
         if let Some(Err(e)) = parsed.records.first() {
             return Err(invalid(e));

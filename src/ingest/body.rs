@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::record::{parse_record, FieldError};
+use crate::config::LimitsConfig;
 use crate::model::Interaction;
 
 /// How a body of records is framed.
@@ -88,15 +89,17 @@ pub struct Parsed {
     pub records: Vec<Result<Interaction, FieldError>>,
 }
 
-/// Parses a body of records. Invalid UTF-8 and unpaired surrogate escapes are replaced,
-/// not refused: a record with a mangled byte is still evidence. `received_at` fills a
-/// missing `created_at`.
+/// Parses a body of records within `limits` (records per request, and the per-record
+/// limits of [`parse_record`]). Invalid UTF-8 and unpaired surrogate escapes are
+/// replaced, not refused: a record with a mangled byte is still evidence. `received_at`
+/// fills a missing `created_at`.
 pub fn parse_body(
     framing: Framing,
     bytes: &[u8],
     received_at: DateTime<Utc>,
-    max_records: usize,
+    limits: &LimitsConfig,
 ) -> Result<Parsed, IngestError> {
+    let max_records = limits.max_records_per_request;
     let text = String::from_utf8_lossy(bytes);
     let text = replace_lone_surrogates(&text);
     let values = split(framing, &text)?;
@@ -107,7 +110,7 @@ pub fn parse_body(
         return Err(IngestError::TooManyRecords { count: values.len(), max: max_records });
     }
     let single = framing == Framing::Json && values.len() == 1 && text.trim_start().starts_with('{');
-    let records = values.into_iter().map(|v| v.and_then(|v| parse_record(v, received_at))).collect();
+    let records = values.into_iter().map(|v| v.and_then(|v| parse_record(v, received_at, limits))).collect();
     Ok(Parsed { single, records })
 }
 

@@ -8,4 +8,4 @@ pub mod body;
 pub mod record;
 
 pub use body::{framing_of, parse_body, Framing, IngestError, Parsed};
-pub use record::{parse_record, FieldError};
+pub use record::{nesting_depth, parse_record, FieldError};

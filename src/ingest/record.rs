@@ -2,6 +2,9 @@
 //!
 //! Every problem is reported with the path of the field it is about
 //! (`tool_calls[1].duration_ms`), so a producer can fix its code from the message alone.
+//! A record over one of the per-record limits (`audit.limits.max_thoughts_per_record`,
+//! `max_tool_calls_per_record`, `max_attributes_depth`) is refused the same way, the
+//! message naming the limit's key.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 use uuid::Uuid;
 
+use crate::config::LimitsConfig;
 use crate::model::{id_from_key, Interaction, Status, Thought, ToolCall};
 
 /// A record that cannot be accepted, and which field is wrong.
@@ -79,8 +83,9 @@ struct WireToolCall {
     error: Option<String>,
 }
 
-/// Validates one JSON value as a record. `received_at` fills a missing `created_at`.
-pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interaction, FieldError> {
+/// Validates one JSON value as a record, within the per-record `limits`. `received_at`
+/// fills a missing `created_at`.
+pub fn parse_record(value: Value, received_at: DateTime<Utc>, limits: &LimitsConfig) -> Result<Interaction, FieldError> {
     if !value.is_object() {
         return Err(FieldError::new("", "a record must be a JSON object"));
     }
@@ -100,6 +105,8 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
             None => FieldError::new(path, message),
         }
     })?;
+
+    check_limits(&wire, limits)?;
 
     let question = match wire.question {
         Some(q) if !q.trim().is_empty() => q,
@@ -195,6 +202,71 @@ pub fn parse_record(value: Value, received_at: DateTime<Utc>) -> Result<Interact
     Ok(record)
 }
 
+/// Refuses a record over a per-record limit. Checked before anything is built from the
+/// record, so an oversized one costs no more work than its parse.
+fn check_limits(wire: &WireRecord, limits: &LimitsConfig) -> Result<(), FieldError> {
+    // The seed's single `thought` becomes a thought too, so it counts.
+    let thoughts = wire.thoughts.as_ref().map_or(0, Vec::len) + usize::from(wire.thought.is_some());
+    if thoughts > limits.max_thoughts_per_record {
+        return Err(FieldError::new(
+            "thoughts",
+            format!(
+                "{thoughts} thoughts; at most {} (audit.limits.max_thoughts_per_record)",
+                limits.max_thoughts_per_record
+            ),
+        ));
+    }
+    let tool_calls = wire.tool_calls.as_ref().map_or(0, Vec::len);
+    if tool_calls > limits.max_tool_calls_per_record {
+        return Err(FieldError::new(
+            "tool_calls",
+            format!(
+                "{tool_calls} tool calls; at most {} (audit.limits.max_tool_calls_per_record)",
+                limits.max_tool_calls_per_record
+            ),
+        ));
+    }
+    if let Some(attributes) = &wire.attributes {
+        let depth = map_depth(attributes);
+        if depth > limits.max_attributes_depth {
+            return Err(FieldError::new(
+                "attributes",
+                format!(
+                    "nested {depth} levels deep; at most {} (audit.limits.max_attributes_depth)",
+                    limits.max_attributes_depth
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How deeply objects and arrays nest in `value`: a scalar is 0, `{"a": 1}` and `[1]`
+/// are 1, `{"a": [1]}` is 2. Iterative, so no input can exhaust the stack.
+pub fn nesting_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1)];
+    while let Some((value, level)) = pending.pop() {
+        match value {
+            Value::Object(map) => {
+                deepest = deepest.max(level);
+                pending.extend(map.values().map(|v| (v, level + 1)));
+            }
+            Value::Array(items) => {
+                deepest = deepest.max(level);
+                pending.extend(items.iter().map(|v| (v, level + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// [`nesting_depth`] of a map (an `attributes` map): 1 when flat, even when empty.
+fn map_depth(map: &Map<String, Value>) -> usize {
+    1 + map.values().map(nesting_depth).max().unwrap_or(0)
+}
+
 /// A producer's id: kept if it is a UUID, else mapped to a stable UUID with the original
 /// text kept in `attributes[keep_as]`, so nothing the producer sent is lost.
 fn producer_id(key: &str, keep_as: &str, attributes: &mut Map<String, Value>) -> Uuid {
@@ -237,13 +309,17 @@ mod tests {
 
     use super::*;
 
+    fn parse(v: Value) -> Result<Interaction, FieldError> {
+        parse_record(v, Utc::now(), &LimitsConfig::default())
+    }
+
     fn err(v: Value) -> FieldError {
-        parse_record(v, Utc::now()).unwrap_err()
+        parse(v).unwrap_err()
     }
 
     #[test]
     fn only_question_is_required() {
-        let r = parse_record(json!({"question": "why?"}), Utc::now()).unwrap();
+        let r = parse(json!({"question": "why?"})).unwrap();
         assert_eq!(r.question, "why?");
         assert_eq!(r.status, Status::Success);
         assert_eq!(err(json!({"model_name": "x"})).field, "question");
@@ -268,20 +344,80 @@ mod tests {
 
     #[test]
     fn non_uuid_ids_map_to_stable_uuids_and_keep_the_original() {
-        let r = parse_record(json!({"question": "q", "session_id": "conv-7"}), Utc::now()).unwrap();
+        let r = parse(json!({"question": "q", "session_id": "conv-7"})).unwrap();
         assert_eq!(r.session_id, id_from_key("conv-7"));
         assert_eq!(r.attributes["source_session_id"], json!("conv-7"));
     }
 
     #[test]
     fn seed_single_thought_and_missing_sequence_numbers_are_filled() {
-        let r = parse_record(
-            json!({"question": "q", "thought": "first", "thoughts": [{"content": "second"}],
-                   "tool_calls": [{"tool_name": "a"}, {"tool_name": "b"}]}),
-            Utc::now(),
-        )
+        let r = parse(json!({"question": "q", "thought": "first", "thoughts": [{"content": "second"}],
+                             "tool_calls": [{"tool_name": "a"}, {"tool_name": "b"}]}))
         .unwrap();
         assert_eq!(r.thoughts.iter().map(|t| t.sequence_number).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(r.tool_calls.iter().map(|t| t.sequence_number).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn nesting_depth_counts_objects_and_arrays() {
+        assert_eq!(nesting_depth(&json!(1)), 0);
+        assert_eq!(nesting_depth(&json!("text")), 0);
+        assert_eq!(nesting_depth(&json!({})), 1);
+        assert_eq!(nesting_depth(&json!([])), 1);
+        assert_eq!(nesting_depth(&json!({"a": 1, "b": "x"})), 1);
+        assert_eq!(nesting_depth(&json!({"a": [1, 2]})), 2);
+        assert_eq!(nesting_depth(&json!({"a": {"b": {"c": 1}}, "d": [1]})), 3);
+        // The deepest branch counts, wherever it is.
+        assert_eq!(nesting_depth(&json!([1, [2, [3, [4]]], {"x": 1}])), 4);
+        assert_eq!(map_depth(&Map::new()), 1);
+    }
+
+    #[test]
+    fn nesting_depth_of_a_very_deep_value_does_not_overflow_the_stack() {
+        let mut value = json!(1);
+        for _ in 0..100_000 {
+            value = Value::Array(vec![value]);
+        }
+        assert_eq!(nesting_depth(&value), 100_000);
+        // serde_json drops nested values recursively: take it apart level by level.
+        while let Value::Array(mut items) = value {
+            value = items.pop().unwrap_or(Value::Null);
+        }
+    }
+
+    /// `{"l": {"l": … 1 …}}` nested `depth` objects deep.
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(json!(1), |inner, _| json!({ "l": inner }))
+    }
+
+    #[test]
+    fn per_record_limits_name_the_field_and_the_limit() {
+        let limits = LimitsConfig {
+            max_thoughts_per_record: 2,
+            max_tool_calls_per_record: 3,
+            max_attributes_depth: 4,
+            ..LimitsConfig::default()
+        };
+        let check = |v: Value| parse_record(v, Utc::now(), &limits);
+        let thoughts = |n: usize| (0..n).map(|i| json!({"content": format!("t{i}")})).collect::<Vec<_>>();
+        let calls = |n: usize| (0..n).map(|_| json!({"tool_name": "kubectl"})).collect::<Vec<_>>();
+
+        assert!(check(json!({"question": "q", "thoughts": thoughts(2)})).is_ok());
+        let e = check(json!({"question": "q", "thoughts": thoughts(3)})).unwrap_err();
+        assert_eq!(e.to_string(), "thoughts: 3 thoughts; at most 2 (audit.limits.max_thoughts_per_record)");
+        // The seed's single `thought` counts as one.
+        let e = check(json!({"question": "q", "thought": "t", "thoughts": thoughts(2)})).unwrap_err();
+        assert_eq!(e.field, "thoughts");
+
+        assert!(check(json!({"question": "q", "tool_calls": calls(3)})).is_ok());
+        let e = check(json!({"question": "q", "tool_calls": calls(4)})).unwrap_err();
+        assert_eq!(e.to_string(), "tool_calls: 4 tool calls; at most 3 (audit.limits.max_tool_calls_per_record)");
+
+        // The attributes map itself is level 1.
+        assert!(check(json!({"question": "q", "attributes": nested(4)})).is_ok());
+        let e = check(json!({"question": "q", "attributes": nested(5)})).unwrap_err();
+        assert_eq!(e.to_string(), "attributes: nested 5 levels deep; at most 4 (audit.limits.max_attributes_depth)");
+        let e = check(json!({"question": "q", "attributes": {"a": [[[{"b": 1}]]]}})).unwrap_err();
+        assert_eq!(e.field, "attributes");
     }
 }
