@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{router, AppState, Authenticator};
+use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
@@ -64,9 +64,6 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
-    /// Serving HTTP failed.
-    #[error("serving HTTP")]
-    Serve(#[source] std::io::Error),
 }
 
 /// A built service: bound, pipeline running, not yet serving.
@@ -149,8 +146,10 @@ impl Application {
         self.state.store.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting requests, drains the
-    /// pipeline (within `audit.async.shutdown_timeout`) and closes the store.
+    /// Serves (within the connection limits of `audit.limits`, see [`serve`]) until
+    /// `shutdown` resolves, then stops accepting connections, lets in-flight requests
+    /// finish, drains the pipeline (within `audit.async.shutdown_timeout`) and closes the
+    /// store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -158,7 +157,8 @@ impl Application {
         let Application { listener, state, startup, stop_startup } = self;
         let (logger, store) = (state.logger.clone(), state.store.clone());
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
-        let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+        let limits = state.config.limits.clone();
+        serve::serve(listener, router(state), &limits, shutdown).await;
         tracing::info!("stopped accepting requests; draining the audit pipeline");
         stop_startup.cancel();
         if let Some(startup) = startup {
@@ -178,7 +178,6 @@ impl Application {
                  the next start writes them"
             );
         }
-        served.map_err(AppError::Serve)?;
         Ok(report)
     }
 }

@@ -23,6 +23,7 @@ mod error;
 mod ingest;
 pub mod metrics;
 mod read;
+mod serve;
 
 pub use app::{AppError, Application};
 pub use auth::{AuthError, Authenticator, Caller};

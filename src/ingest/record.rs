@@ -85,7 +85,11 @@ struct WireToolCall {
 
 /// Validates one JSON value as a record, within the per-record `limits`. `received_at`
 /// fills a missing `created_at`.
-pub fn parse_record(value: Value, received_at: DateTime<Utc>, limits: &LimitsConfig) -> Result<Interaction, FieldError> {
+pub fn parse_record(
+    value: Value,
+    received_at: DateTime<Utc>,
+    limits: &LimitsConfig,
+) -> Result<Interaction, FieldError> {
     if !value.is_object() {
         return Err(FieldError::new("", "a record must be a JSON object"));
     }
