@@ -11,12 +11,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, ErrorBody};
 use crate::config::AckMode;
 use crate::ingest::{self, FieldError, IngestError};
 use crate::model::Interaction;
+
+/// Time kept free before `audit.limits.request_timeout` to build and send the answer of
+/// a request whose records were still waiting for a durable acknowledgement.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
 
 /// The answer to an ingest request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -84,6 +90,8 @@ pub async fn post_interactions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The request timeout started about now too (its layer called this handler).
+    let started = Instant::now();
     if !app.logger.is_enabled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -160,7 +168,7 @@ pub async fn post_interactions(
             }
             0
         }
-        AckMode::Durable => acknowledge_durably(&app, valid, &mut response).await,
+        AckMode::Durable => acknowledge_durably(&app, started, valid, &mut response).await,
     };
     if not_durable > 0 {
         // Some records are not safe: the client should send them again (with their
@@ -183,11 +191,27 @@ fn results_with_error(response: &IngestResponse, error: ApiError) -> Response {
 }
 
 /// Waits until every record is fsync'd in the spool or committed, within
-/// `async.ack_timeout`. Marks the ones that are not as `failed`; returns how many.
-async fn acknowledge_durably(app: &AppState, valid: Vec<(usize, Interaction)>, response: &mut IngestResponse) -> usize {
+/// `async.ack_timeout` and before the request's own timeout (`started` +
+/// `limits.request_timeout`). Marks the ones that are not as `failed`; returns how many.
+async fn acknowledge_durably(
+    app: &AppState,
+    started: Instant,
+    valid: Vec<(usize, Interaction)>,
+    response: &mut IngestResponse,
+) -> usize {
     let indexes: Vec<usize> = valid.iter().map(|(i, _)| *i).collect();
     let all = futures::future::join_all(valid.into_iter().map(|(_, record)| app.logger.log_durable(record)));
-    let outcomes: Vec<Result<(), ErrorBody>> = match tokio::time::timeout(app.config.pipeline.ack_timeout, all).await {
+    let ack_timeout = app.config.pipeline.ack_timeout;
+    // Stop waiting early enough that the per-record answer goes out, rather than a bare
+    // 408 that tells the producer nothing about which records are safe.
+    let request_timeout = app.config.limits.request_timeout;
+    let request_deadline = started + request_timeout - ANSWER_MARGIN.min(request_timeout / 4);
+    let (deadline, limit) = if Instant::now() + ack_timeout <= request_deadline {
+        (Instant::now() + ack_timeout, format!("{ack_timeout:?} (audit.async.ack_timeout)"))
+    } else {
+        (request_deadline, format!("{request_timeout:?} (audit.limits.request_timeout)"))
+    };
+    let outcomes: Vec<Result<(), ErrorBody>> = match tokio::time::timeout_at(deadline, all).await {
         Ok(outcomes) => outcomes
             .into_iter()
             .map(|o| {
@@ -199,10 +223,7 @@ async fn acknowledge_durably(app: &AppState, valid: Vec<(usize, Interaction)>, r
             let body = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ack_timeout",
-                format!(
-                    "not stored durably within {:?} (audit.async.ack_timeout); it may still be stored",
-                    app.config.pipeline.ack_timeout
-                ),
+                format!("not stored durably within {limit}; it may still be stored"),
             )
             .body();
             indexes.iter().map(|_| Err(body.clone())).collect()

@@ -4,12 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::BoxError;
 use axum::{Json, Router};
 use serde_json::json;
+use tower::timeout::TimeoutLayer;
+use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
@@ -77,8 +81,10 @@ impl AppState {
 }
 
 /// Builds the router. Each endpoint's role is declared here, beside its route: `ingest`
-/// writes, `read` reads, `admin` sees what was refused; health stays open.
+/// writes, `read` reads, `admin` sees what was refused; health stays open. Every route
+/// is bounded by `audit.limits.request_timeout`.
 pub fn router(state: AppState) -> Router {
+    let request_timeout = state.config.limits.request_timeout;
     use axum::middleware::from_fn_with_state as guard;
     let ingest = Router::new()
         .route("/api/v1/interactions", post(ingest::post_interactions))
@@ -105,8 +111,32 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Around the handler, so it bounds reading the body too; a response's body is
+        // streamed after the handler returned and is not cut (an export download).
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |e: BoxError| async move { request_failed(e, request_timeout) }))
+                .layer(TimeoutLayer::new(request_timeout)),
+        )
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The answer to a request that did not complete within `audit.limits.request_timeout`.
+fn request_failed(error: BoxError, request_timeout: Duration) -> ApiError {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        return ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request did not complete within {} (audit.limits.request_timeout)",
+                humantime::format_duration(request_timeout)
+            ),
+        );
+    }
+    // Handlers cannot fail (their errors are answers); this is for a layer added later.
+    tracing::error!(error = %error, "request failed in a middleware layer");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the request failed")
 }
 
 async fn not_found() -> ApiError {
