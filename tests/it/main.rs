@@ -9,6 +9,7 @@ mod cli;
 mod export;
 mod fault;
 mod ingest_http;
+mod limits;
 mod pg_cluster;
 mod pipeline;
 mod query;
