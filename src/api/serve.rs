@@ -82,7 +82,7 @@ pub async fn serve(
                 tracing::warn!(
                     max_connections = limits.max_connections,
                     suppressed,
-                    "connection refused with 503: audit.limits.max_connections reached"
+                    "a connection over audit.limits.max_connections is answered 503 and closed"
                 )
             });
             let Ok(slot) = rejections.clone().try_acquire_owned() else {
