@@ -146,6 +146,10 @@ pub struct DatabaseConfig {
     pub conn_max_lifetime: Option<Duration>,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
+    /// Hash-chain committed records so `verify` can prove nothing was edited or removed
+    /// outside retention (`AUDIT_DATABASE_HASH_CHAIN`). Off, records are written unchained
+    /// and `verify` cannot vouch for them.
+    pub hash_chain: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -164,6 +168,7 @@ impl Default for DatabaseConfig {
             max_idle_conns: 5,
             conn_max_lifetime: Some(Duration::from_secs(3600)),
             migrate_on_start: true,
+            hash_chain: true,
         }
     }
 }
@@ -184,6 +189,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("max_idle_conns", &self.max_idle_conns)
             .field("conn_max_lifetime", &self.conn_max_lifetime)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("hash_chain", &self.hash_chain)
             .finish()
     }
 }

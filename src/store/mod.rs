@@ -12,27 +12,34 @@
 //! supertrait of [`Store`]. Rows are read back through the shared row types and SQL of
 //! [`rows`]; each backend keeps only what its dialect does differently (how a batch is
 //! expanded: `UNNEST` of arrays or `json_each` of one JSON parameter; how ids are bound).
+//!
+//! Each batch's fresh records are hash-chained in the batch's own transaction ([`chain`]),
+//! and [`verify`] walks the chains back over this trait.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::NaiveDate;
 use futures::stream::BoxStream;
 use uuid::Uuid;
 
 use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use crate::model::Interaction;
 
+pub mod chain;
 pub mod filter;
 pub mod postgres;
 mod read;
 pub mod rows;
 mod sql;
 pub mod sqlite;
+pub mod verify;
 
 pub use filter::{
     Bucket, Filter, FrequentQuestion, GroupBy, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow,
 };
 
+pub use chain::{ChainBlock, ChainDay, DayCount, ExpiredDay, RecordLink};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -242,6 +249,30 @@ pub trait Store: BatchSink {
     /// polled; the connection is held until the stream ends or is dropped).
     fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>>;
 
+    /// The hash-chain rows of the days from `from` to `to` (inclusive; open ends: all),
+    /// oldest first.
+    async fn chain_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<ChainDay>, StoreError>;
+
+    /// The UTC days from `from` to `to` (inclusive) that have interactions, with how
+    /// many, oldest first.
+    async fn record_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<DayCount>, StoreError>;
+
+    /// At most `limit` blocks of `day` with a seq above `after_seq`, in seq order.
+    async fn chain_blocks(&self, day: NaiveDate, after_seq: i64, limit: u32) -> Result<Vec<ChainBlock>, StoreError>;
+
+    /// The interactions in full whose `chain_block` is `block_id`, by id.
+    async fn block_records(&self, block_id: Uuid) -> Result<Vec<Interaction>, StoreError>;
+
+    /// Every interaction of a UTC day with the block it says it was committed in,
+    /// streamed in constant memory.
+    fn day_links(&self, day: NaiveDate) -> BoxStream<'static, Result<RecordLink, StoreError>>;
+
+    /// Retention's removal of a whole UTC day, in one transaction: its interactions (and
+    /// their children) and its blocks are deleted, and its chain row is kept, retired,
+    /// with its head as the anchor that later blocks (late records of the day) continue
+    /// from, so `verify` still passes. Sessions are left alone (they span days).
+    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError>;
+
     /// Closes the connections.
     async fn close(&self);
 }
@@ -268,9 +299,9 @@ pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError>
 pub async fn connect(url: &str, options: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
     tracing::info!(url = %redact_url(url), "opening store");
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(url, options).await?))
+        Ok(Arc::new(PostgresStore::connect(url, options).await?.with_hash_chain(options.hash_chain)))
     } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        Ok(Arc::new(SqliteStore::connect(url).await?.with_hash_chain(options.hash_chain)))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }

@@ -5,12 +5,18 @@
 //! whatever the batch size). Interactions are inserted with
 //! `ON CONFLICT (interaction_id) DO NOTHING RETURNING interaction_id`, and children are
 //! written only for the ids that came back, which makes re-delivery a no-op.
+//!
+//! With the hash chain on, each record carries its block's id (`chain_block`), and the
+//! batch's blocks are appended to their days' chains as the last statements before
+//! COMMIT: the day row's lock (`FOR UPDATE`, days in ascending order) is held only for
+//! the commit, so concurrent writers chain in parallel and never deadlock.
 
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::NaiveDate;
 use futures::stream::BoxStream;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
@@ -18,10 +24,11 @@ use sqlx::{Arguments, Connection};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
 use super::read::{self, Fetch, ReadRow};
 use super::rows::SELECT_APPLIED_MIGRATIONS;
-use super::sql::{Param, Sql};
+use super::sql::{self, Param, Sql};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -42,6 +49,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    hash_chain: bool,
 }
 
 impl PostgresStore {
@@ -56,12 +64,18 @@ impl PostgresStore {
             .max_lifetime(options.conn_max_lifetime)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(connect);
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore { pool, hash_chain: true })
     }
 
     /// Wraps an existing pool (tests, benchmarks).
     pub fn from_pool(pool: PgPool) -> Self {
-        PostgresStore { pool }
+        PostgresStore { pool, hash_chain: true }
+    }
+
+    /// Whether written records are hash-chained (on by default; `audit.database.hash_chain`).
+    pub fn with_hash_chain(mut self, on: bool) -> Self {
+        self.hash_chain = on;
+        self
     }
 
     /// The underlying pool.
@@ -125,14 +139,14 @@ const INSERT_INTERACTIONS: &str = "\
 INSERT INTO interactions (interaction_id, session_id, user_id, endpoint, question, model_name,
     provider, base_url, cluster, final_answer, status, error, http_status, created_at,
     total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens,
-    attributes)
+    attributes, chain_block)
 SELECT u.iid, u.sid, u.uid, u.ep, u.q, u.model, u.prov, u.url, u.cl, u.ans, u.st, u.err, u.http,
-    u.at, u.total, u.asst, u.parse, u.tin, u.tout, u.attrs::jsonb
+    u.at, u.total, u.asst, u.parse, u.tin, u.tout, u.attrs::jsonb, u.block
 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::timestamptz[],
-    $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::text[])
+    $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::text[], $21::uuid[])
     AS u(iid, sid, uid, ep, q, model, prov, url, cl, ans, st, err, http, at, total, asst, parse,
-         tin, tout, attrs)
+         tin, tout, attrs, block)
 ON CONFLICT (interaction_id) DO NOTHING
 RETURNING interaction_id";
 
@@ -150,6 +164,60 @@ const INSERT_METRICS: &str = "\
 INSERT INTO performance_metrics (interaction_id, metric_name, duration_ms, created_at)
 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[])";
 
+/// Creates a day's chain row if it is the day's first block (genesis as head and anchor).
+const INSERT_CHAIN_DAY: &str = "\
+INSERT INTO chain_days (day, head, anchor_hash) VALUES ($1, $2, $2) ON CONFLICT (day) DO NOTHING";
+
+/// Locks the day's chain row until commit and reads where the chain is.
+const LOCK_CHAIN_DAY: &str = "SELECT head, blocks FROM chain_days WHERE day = $1 FOR UPDATE";
+
+/// Appends a block and moves the day's head to it, in one round trip.
+const APPEND_BLOCK: &str = "\
+WITH block AS (
+    INSERT INTO chain_blocks (day, seq, block_id, prev_hash, root, hash, record_count, leaves)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8))
+UPDATE chain_days SET head = $6, blocks = $2, records = records + $7 WHERE day = $1";
+
+/// Appends `blocks` (in ascending day order) to their days' chains.
+async fn append_blocks(tx: &mut PgConnection, blocks: &[PendingBlock]) -> Result<(), StoreError> {
+    for block in blocks {
+        sqlx::query(INSERT_CHAIN_DAY)
+            .bind(block.day)
+            .bind(chain::genesis(block.day).as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(chain_error)?;
+        let (head, blocks): (Vec<u8>, i64) =
+            sqlx::query_as(LOCK_CHAIN_DAY).bind(block.day).fetch_one(&mut *tx).await.map_err(chain_error)?;
+        let seq = blocks + 1;
+        let hash = block.hash(&head, seq);
+        sqlx::query(APPEND_BLOCK)
+            .bind(block.day)
+            .bind(seq)
+            .bind(block.block_id)
+            .bind(head.as_slice())
+            .bind(block.root.as_slice())
+            .bind(hash.as_slice())
+            .bind(block.record_count)
+            .bind(block.leaves.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(chain_error)?;
+    }
+    Ok(())
+}
+
+/// Classifies a failure of the chain statements. They carry no record data, so the
+/// database refusing them is never about a record: reported as a database error (the
+/// batch is retried), not as refused data (which would split the batch and dead-letter
+/// good records).
+fn chain_error(e: sqlx::Error) -> StoreError {
+    match classify(e) {
+        StoreError::Rejected(inner) => StoreError::Other(format!("hash chain: {inner}").into()),
+        other => other,
+    }
+}
+
 #[async_trait]
 impl BatchSink for PostgresStore {
     #[instrument(skip_all, fields(records = batch.len()))]
@@ -158,6 +226,10 @@ impl BatchSink for PostgresStore {
         if records.is_empty() {
             return Ok(WriteSummary::default());
         }
+        // Hashing needs no database: done before the transaction, so it holds no locks.
+        let plan = self.hash_chain.then(|| ChainPlan::new(&records));
+        let chain_blocks: Vec<Option<Uuid>> =
+            (0..records.len()).map(|i| plan.as_ref().and_then(|p| p.block_of(i))).collect();
         let mut tx = self.pool.begin().await.map_err(classify)?;
 
         let sessions = sessions_of(&records);
@@ -187,17 +259,24 @@ impl BatchSink for PostgresStore {
             .bind(records.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.http_status).collect::<Vec<_>>())
-            .bind(records.iter().map(|r| r.created_at).collect::<Vec<_>>())
+            // At the microsecond the column keeps, cut the way the record hash cuts it
+            // (sqlx would round toward 2000-01-01 instead, which differs before it).
+            .bind(records.iter().map(|r| chain::stored_time(r.created_at)).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.total_duration_ms).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.assistant_duration_ms).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.parse_duration_ms).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
             .bind(attributes)
+            .bind(chain_blocks)
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
         let inserted: HashSet<Uuid> = inserted.into_iter().collect();
+        let blocks = match &plan {
+            Some(plan) => plan.blocks(|i| inserted.contains(&records[i].interaction_id)),
+            None => Vec::new(),
+        };
         let (fresh, old): (Vec<&Interaction>, Vec<&Interaction>) =
             records.into_iter().partition(|r| inserted.contains(&r.interaction_id));
         let summary = WriteSummary {
@@ -250,6 +329,8 @@ impl BatchSink for PostgresStore {
                 .map_err(classify)?;
         }
 
+        // Last, so each day's row is locked only until the commit right after.
+        append_blocks(&mut tx, &blocks).await?;
         tx.commit().await.map_err(classify)?;
         Ok(summary)
     }
@@ -344,6 +425,65 @@ impl Store for PostgresStore {
         read::export(self, filter)
     }
 
+    async fn chain_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<ChainDay>, StoreError> {
+        read::chain_days(self, from, to).await
+    }
+
+    async fn record_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<DayCount>, StoreError> {
+        read::record_days(self, from, to).await
+    }
+
+    async fn chain_blocks(&self, day: NaiveDate, after_seq: i64, limit: u32) -> Result<Vec<ChainBlock>, StoreError> {
+        read::chain_blocks(self, day, after_seq, limit).await
+    }
+
+    async fn block_records(&self, block_id: Uuid) -> Result<Vec<Interaction>, StoreError> {
+        read::block_records(self, block_id).await
+    }
+
+    fn day_links(&self, day: NaiveDate) -> BoxStream<'static, Result<RecordLink, StoreError>> {
+        read::day_links(self, day)
+    }
+
+    #[instrument(skip(self))]
+    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // The day's row first: a writer appending to this day waits for the commit and
+        // then continues the chain from the anchor set here.
+        let chained: Option<i64> = sqlx::query_scalar("SELECT blocks FROM chain_days WHERE day = $1 FOR UPDATE")
+            .bind(day)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let records = sqlx::query("DELETE FROM interactions WHERE created_at >= $1 AND created_at < $2")
+            .bind(sql::day_start(day))
+            .bind(sql::day_end(day))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        let mut blocks = 0;
+        if let Some(last) = chained {
+            blocks = sqlx::query("DELETE FROM chain_blocks WHERE day = $1 AND seq <= $2")
+                .bind(day)
+                .bind(last)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            sqlx::query(
+                "UPDATE chain_days SET anchor_seq = blocks, anchor_hash = head, retired_at = now() WHERE day = $1",
+            )
+            .bind(day)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        tracing::info!(%day, records, blocks, "day expired");
+        Ok(ExpiredDay { records, blocks })
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
@@ -358,6 +498,7 @@ fn arguments(params: Vec<Param>) -> Result<PgArguments, StoreError> {
             Param::Int(v) => args.add(v),
             Param::Time(v) => args.add(v),
             Param::Uuid(v) => args.add(v),
+            Param::Date(v) => args.add(v),
         }
         .map_err(StoreError::Other)?;
     }

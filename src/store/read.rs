@@ -3,14 +3,19 @@
 //! into public types is shared, so both databases answer every read the same way.
 
 use async_trait::async_trait;
+use chrono::NaiveDate;
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 use sqlx::FromRow;
 use uuid::Uuid;
 
+use super::chain::{ChainBlock, ChainDay, DayCount, RecordLink};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
-use super::rows::{CountRow, DeadLetterRow, FullRow, QuestionRow, SessionRow, StatsRowRaw, SummaryRow};
+use super::rows::{
+    ChainBlockRow, ChainDayRow, CountRow, DayCountRow, DeadLetterRow, FullRow, LinkRow, QuestionRow, SessionRow,
+    StatsRowRaw, SummaryRow,
+};
 use super::sql::{self, Sql};
 use super::{Backend, DeadLetter, StoreError};
 use crate::model::Interaction;
@@ -148,5 +153,49 @@ pub(crate) async fn frequent_questions(
 pub(crate) fn export(db: &impl Fetch, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
     db.fetch_stream::<FullRow>(sql::select_export(db.dialect(), filter))
         .map(|row| row.and_then(Interaction::try_from))
+        .boxed()
+}
+
+/// The chain rows of a range of days.
+pub(crate) async fn chain_days(
+    db: &impl Fetch,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+) -> Result<Vec<ChainDay>, StoreError> {
+    let rows: Vec<ChainDayRow> = db.fetch_all(sql::select_chain_days(db.dialect(), from, to)).await?;
+    Ok(rows.into_iter().map(ChainDay::from).collect())
+}
+
+/// The days with interactions in a range.
+pub(crate) async fn record_days(
+    db: &impl Fetch,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+) -> Result<Vec<DayCount>, StoreError> {
+    let rows: Vec<DayCountRow> = db.fetch_all(sql::select_record_days(db.dialect(), from, to)).await?;
+    Ok(rows.into_iter().map(DayCount::from).collect())
+}
+
+/// A page of a day's blocks.
+pub(crate) async fn chain_blocks(
+    db: &impl Fetch,
+    day: NaiveDate,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Vec<ChainBlock>, StoreError> {
+    let rows: Vec<ChainBlockRow> = db.fetch_all(sql::select_chain_blocks(db.dialect(), day, after_seq, limit)).await?;
+    rows.into_iter().map(ChainBlock::try_from).collect()
+}
+
+/// A block's interactions in full.
+pub(crate) async fn block_records(db: &impl Fetch, block_id: Uuid) -> Result<Vec<Interaction>, StoreError> {
+    let rows: Vec<FullRow> = db.fetch_all(sql::select_block_records(db.dialect(), block_id)).await?;
+    rows.into_iter().map(Interaction::try_from).collect()
+}
+
+/// A day's interactions and their blocks, streamed.
+pub(crate) fn day_links(db: &impl Fetch, day: NaiveDate) -> BoxStream<'static, Result<RecordLink, StoreError>> {
+    db.fetch_stream::<LinkRow>(sql::select_day_links(db.dialect(), day))
+        .map(|row| row.and_then(RecordLink::try_from))
         .boxed()
 }

@@ -6,9 +6,10 @@
 //! its checks, happens here: a stored value that does not parse is a
 //! [`StoreError::Decode`], never another value.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
+use super::chain::{ChainBlock, ChainDay, DayCount, RecordLink};
 use super::filter::{FrequentQuestion, InteractionSummary, Keyset, SessionView, StatsRow};
 use super::{DeadLetter, StoreError};
 use crate::model::{Interaction, Status};
@@ -128,6 +129,49 @@ pub struct DeadLetterRow {
     pub error: String,
     pub attempts: i32,
     pub failed_at: DateTime<Utc>,
+}
+
+/// A day's chain row.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct ChainDayRow {
+    pub day: NaiveDate,
+    pub head: Vec<u8>,
+    pub blocks: i64,
+    pub records: i64,
+    pub anchor_seq: i64,
+    pub anchor_hash: Vec<u8>,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+/// A block of a day's chain.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct ChainBlockRow {
+    pub day: NaiveDate,
+    pub seq: i64,
+    pub block_id: String,
+    pub prev_hash: Vec<u8>,
+    pub root: Vec<u8>,
+    pub hash: Vec<u8>,
+    pub record_count: i64,
+    pub leaves: Vec<u8>,
+}
+
+/// A day and how many interactions it has.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct DayCountRow {
+    pub day: NaiveDate,
+    pub n: i64,
+}
+
+/// An interaction's id and block.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct LinkRow {
+    pub interaction_id: String,
+    pub chain_block: Option<String>,
 }
 
 fn uuid(column: &'static str, text: &str) -> Result<Uuid, StoreError> {
@@ -270,5 +314,53 @@ impl DeadLetterRow {
             failed_at: self.failed_at,
         };
         Ok((letter, keyset))
+    }
+}
+
+impl From<ChainDayRow> for ChainDay {
+    fn from(row: ChainDayRow) -> ChainDay {
+        ChainDay {
+            day: row.day,
+            head: row.head,
+            blocks: row.blocks,
+            records: row.records,
+            anchor_seq: row.anchor_seq,
+            anchor_hash: row.anchor_hash,
+            retired_at: row.retired_at,
+        }
+    }
+}
+
+impl TryFrom<ChainBlockRow> for ChainBlock {
+    type Error = StoreError;
+
+    fn try_from(row: ChainBlockRow) -> Result<ChainBlock, StoreError> {
+        Ok(ChainBlock {
+            day: row.day,
+            seq: row.seq,
+            block_id: uuid("chain_blocks.block_id", &row.block_id)?,
+            prev_hash: row.prev_hash,
+            root: row.root,
+            hash: row.hash,
+            record_count: row.record_count,
+            leaves: row.leaves,
+        })
+    }
+}
+
+impl From<DayCountRow> for DayCount {
+    fn from(row: DayCountRow) -> DayCount {
+        DayCount { day: row.day, records: row.n.max(0) as u64 }
+    }
+}
+
+impl TryFrom<LinkRow> for RecordLink {
+    type Error = StoreError;
+
+    fn try_from(row: LinkRow) -> Result<RecordLink, StoreError> {
+        Ok(RecordLink {
+            interaction_id: uuid("interactions.interaction_id", &row.interaction_id)?,
+            chain_block: row.chain_block.as_deref().map(|b| uuid("interactions.chain_block", b)).transpose()?,
+        })
     }
 }

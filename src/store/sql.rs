@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use uuid::Uuid;
 
 use super::filter::{Bucket, Filter, GroupBy, Keyset, StatsRequest};
@@ -22,6 +22,7 @@ pub(crate) enum Param {
     Int(i64),
     Time(DateTime<Utc>),
     Uuid(Uuid),
+    Date(NaiveDate),
 }
 
 /// A statement being assembled: its text and the values of `$1…$N`.
@@ -379,6 +380,87 @@ FROM interactions i WHERE true",
     sql
 }
 
+/// Midnight (UTC) starting `day`.
+pub(crate) fn day_start(day: NaiveDate) -> DateTime<Utc> {
+    day.and_time(NaiveTime::MIN).and_utc()
+}
+
+/// Midnight (UTC) ending `day`; the last representable day ends at its last instant.
+pub(crate) fn day_end(day: NaiveDate) -> DateTime<Utc> {
+    day.succ_opt().map_or(DateTime::<Utc>::MAX_UTC, day_start)
+}
+
+/// `AND` the interactions (`i`) of the days from `from` to `to`, inclusive.
+fn on_days(sql: &mut Sql, from: Option<NaiveDate>, to: Option<NaiveDate>) {
+    if let Some(from) = from {
+        sql.push(" AND i.created_at >= ").bind(Param::Time(day_start(from)));
+    }
+    if let Some(to) = to {
+        sql.push(" AND i.created_at < ").bind(Param::Time(day_end(to)));
+    }
+}
+
+/// The chain rows of the days from `from` to `to` (rows of `rows::ChainDayRow`).
+pub(crate) fn select_chain_days(backend: Backend, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push("SELECT day, head, blocks, records, anchor_seq, anchor_hash, retired_at FROM chain_days WHERE true");
+    if let Some(from) = from {
+        sql.push(" AND day >= ").bind(Param::Date(from));
+    }
+    if let Some(to) = to {
+        sql.push(" AND day <= ").bind(Param::Date(to));
+    }
+    sql.push(" ORDER BY day");
+    sql
+}
+
+/// The UTC days that have interactions, with counts (rows of `rows::DayCountRow`).
+pub(crate) fn select_record_days(backend: Backend, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Sql {
+    let mut sql = Sql::new(backend);
+    // Both group on a value of the time index's leading column: PostgreSQL reads the
+    // index alone; SQLite's text times start with the day.
+    let day = match backend {
+        Backend::Postgres => "(i.created_at AT TIME ZONE 'UTC')::date",
+        Backend::Sqlite => "substr(i.created_at, 1, 10)",
+    };
+    sql.push("SELECT ").push(day).push(" AS day, count(*) AS n FROM interactions i WHERE true");
+    on_days(&mut sql, from, to);
+    sql.push(" GROUP BY 1 ORDER BY 1");
+    sql
+}
+
+/// Blocks of a day after a seq (rows of `rows::ChainBlockRow`).
+pub(crate) fn select_chain_blocks(backend: Backend, day: NaiveDate, after_seq: i64, limit: u32) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push(
+        "SELECT day, seq, CAST(block_id AS TEXT) AS block_id, prev_hash, root, hash, record_count, leaves
+FROM chain_blocks WHERE day = ",
+    )
+    .bind(Param::Date(day));
+    sql.push(" AND seq > ").bind(Param::Int(after_seq));
+    sql.push(" ORDER BY seq LIMIT ").bind(Param::Int(limit.into()));
+    sql
+}
+
+/// The interactions of one block in full, by id.
+pub(crate) fn select_block_records(backend: Backend, block_id: Uuid) -> Sql {
+    let mut sql = full_records(backend);
+    sql.push(" AND i.chain_block = ").bind(Param::Uuid(block_id));
+    sql.push(" ORDER BY i.interaction_id");
+    sql
+}
+
+/// Every interaction of a day with its block (rows of `rows::LinkRow`).
+pub(crate) fn select_day_links(backend: Backend, day: NaiveDate) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push(
+        "SELECT CAST(i.interaction_id AS TEXT) AS interaction_id, CAST(i.chain_block AS TEXT) AS chain_block
+FROM interactions i WHERE true",
+    );
+    on_days(&mut sql, Some(day), Some(day));
+    sql
+}
+
 /// `sql` with its values written in as PostgreSQL literals, for statements that take no
 /// parameters (`COPY (…) TO STDOUT`, the baseline of `bench query`). Never used with
 /// values from a request.
@@ -391,6 +473,7 @@ pub(crate) fn postgres_literal(sql: &Sql) -> String {
             Param::Int(v) => v.to_string(),
             Param::Time(v) => format!("'{}'::timestamptz", v.to_rfc3339()),
             Param::Uuid(v) => format!("'{v}'::uuid"),
+            Param::Date(v) => format!("'{v}'::date"),
         };
         text = text.replace(&format!("${}", n + 1), &literal);
     }

@@ -5,28 +5,34 @@
 //! statements: each table's rows are passed as ONE JSON array parameter and expanded with
 //! `json_each`, so the statement count does not grow with the batch and no batch can hit
 //! SQLite's limit on bound parameters.
+//!
+//! With the hash chain on, each record carries its block's id (`chain_block`) and the
+//! batch's blocks are appended to their days' chains at the end of the same transaction
+//! (the in-process mutex already makes this the only writer).
 
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use futures::stream::BoxStream;
 use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::Arguments;
 use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
 use super::read::{self, Fetch, ReadRow};
 use super::rows::SELECT_APPLIED_MIGRATIONS;
-use super::sql::{Param, Sql};
+use super::sql::{self, Param, Sql};
 use super::{
     dedup_dead_letters, dedup_sorted, migrate_error, sessions_of, Backend, BatchSink, DeadLetter, Readiness, Store,
     StoreError, WriteSummary,
@@ -50,6 +56,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 pub struct SqliteStore {
     pool: SqlitePool,
     write_lock: Mutex<()>,
+    hash_chain: bool,
 }
 
 /// Formats a time the way the schema stores it (sortable RFC 3339, microseconds, `Z`).
@@ -78,7 +85,13 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        Ok(SqliteStore { pool, write_lock: Mutex::new(()) })
+        Ok(SqliteStore { pool, write_lock: Mutex::new(()), hash_chain: true })
+    }
+
+    /// Whether written records are hash-chained (on by default; `audit.database.hash_chain`).
+    pub fn with_hash_chain(mut self, on: bool) -> Self {
+        self.hash_chain = on;
+        self
     }
 
     /// The underlying pool.
@@ -116,10 +129,10 @@ const INSERT_INTERACTIONS: &str = "\
 INSERT INTO interactions (interaction_id, session_id, user_id, endpoint, question, model_name,
     provider, base_url, cluster, final_answer, status, error, http_status, created_at,
     total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens,
-    attributes)
+    attributes, chain_block)
 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7,
     value->>8, value->>9, value->>10, value->>11, value->>12, value->>13, value->>14, value->>15,
-    value->>16, value->>17, value->>18, value->>19
+    value->>16, value->>17, value->>18, value->>19, value->>20
 FROM json_each(?1) WHERE true
 ON CONFLICT (interaction_id) DO NOTHING
 RETURNING interaction_id";
@@ -139,6 +152,61 @@ const INSERT_METRICS: &str = "\
 INSERT INTO performance_metrics (interaction_id, metric_name, duration_ms, created_at)
 SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1)";
 
+/// Appends `blocks` (in ascending day order) to their days' chains.
+async fn append_blocks(tx: &mut SqliteConnection, blocks: &[PendingBlock]) -> Result<(), StoreError> {
+    let committed_at = format_time(&Utc::now());
+    for block in blocks {
+        let day = block.day.to_string();
+        sqlx::query("INSERT INTO chain_days (day, head, anchor_hash) VALUES (?1, ?2, ?2) ON CONFLICT (day) DO NOTHING")
+            .bind(&day)
+            .bind(chain::genesis(block.day).as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(chain_error)?;
+        let (head, blocks): (Vec<u8>, i64) = sqlx::query_as("SELECT head, blocks FROM chain_days WHERE day = ?1")
+            .bind(&day)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(chain_error)?;
+        let seq = blocks + 1;
+        let hash = block.hash(&head, seq);
+        sqlx::query(
+            "INSERT INTO chain_blocks (day, seq, block_id, prev_hash, root, hash, record_count, leaves, committed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&day)
+        .bind(seq)
+        .bind(block.block_id.to_string())
+        .bind(head.as_slice())
+        .bind(block.root.as_slice())
+        .bind(hash.as_slice())
+        .bind(block.record_count)
+        .bind(block.leaves.as_slice())
+        .bind(&committed_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(chain_error)?;
+        sqlx::query("UPDATE chain_days SET head = ?1, blocks = ?2, records = records + ?3 WHERE day = ?4")
+            .bind(hash.as_slice())
+            .bind(seq)
+            .bind(block.record_count)
+            .bind(&day)
+            .execute(&mut *tx)
+            .await
+            .map_err(chain_error)?;
+    }
+    Ok(())
+}
+
+/// Classifies a failure of the chain statements: never about a record's data (they
+/// carry none), so never [`StoreError::Rejected`], which would split the batch.
+fn chain_error(e: sqlx::Error) -> StoreError {
+    match classify(e) {
+        StoreError::Rejected(inner) => StoreError::Other(format!("hash chain: {inner}").into()),
+        other => other,
+    }
+}
+
 #[async_trait]
 impl BatchSink for SqliteStore {
     #[instrument(skip_all, fields(records = batch.len()))]
@@ -153,9 +221,12 @@ impl BatchSink for SqliteStore {
                 json!([r.session_id.to_string(), r.user_id, r.client_ip, r.user_agent, format_time(&r.created_at)])
             })
             .collect();
+        // Hashing needs no database: done before taking the write lock.
+        let plan = self.hash_chain.then(|| ChainPlan::new(&records));
         let interactions: Vec<serde_json::Value> = records
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
                 json!([
                     r.interaction_id.to_string(),
                     r.session_id.to_string(),
@@ -177,6 +248,7 @@ impl BatchSink for SqliteStore {
                     r.input_tokens,
                     r.output_tokens,
                     serde_json::Value::Object(r.attributes.clone()).to_string(),
+                    plan.as_ref().and_then(|p| p.block_of(i)).map(|b| b.to_string()),
                 ])
             })
             .collect();
@@ -194,6 +266,10 @@ impl BatchSink for SqliteStore {
             .await
             .map_err(classify)?;
         let inserted: HashSet<String> = inserted.into_iter().collect();
+        let blocks = match &plan {
+            Some(plan) => plan.blocks(|i| inserted.contains(&records[i].interaction_id.to_string())),
+            None => Vec::new(),
+        };
         let (fresh, old): (Vec<(&Interaction, String)>, Vec<(&Interaction, String)>) =
             records.iter().map(|r| (*r, r.interaction_id.to_string())).partition(|(_, id)| inserted.contains(id));
         let summary = WriteSummary {
@@ -236,6 +312,7 @@ impl BatchSink for SqliteStore {
                     .map_err(classify)?;
             }
         }
+        append_blocks(&mut tx, &blocks).await?;
         tx.commit().await.map_err(classify)?;
         Ok(summary)
     }
@@ -333,6 +410,66 @@ impl Store for SqliteStore {
         read::export(self, filter)
     }
 
+    async fn chain_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<ChainDay>, StoreError> {
+        read::chain_days(self, from, to).await
+    }
+
+    async fn record_days(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<DayCount>, StoreError> {
+        read::record_days(self, from, to).await
+    }
+
+    async fn chain_blocks(&self, day: NaiveDate, after_seq: i64, limit: u32) -> Result<Vec<ChainBlock>, StoreError> {
+        read::chain_blocks(self, day, after_seq, limit).await
+    }
+
+    async fn block_records(&self, block_id: Uuid) -> Result<Vec<Interaction>, StoreError> {
+        read::block_records(self, block_id).await
+    }
+
+    fn day_links(&self, day: NaiveDate) -> BoxStream<'static, Result<RecordLink, StoreError>> {
+        read::day_links(self, day)
+    }
+
+    #[instrument(skip(self))]
+    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
+        let _guard = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let text = day.to_string();
+        let chained: Option<i64> = sqlx::query_scalar("SELECT blocks FROM chain_days WHERE day = ?1")
+            .bind(&text)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let records = sqlx::query("DELETE FROM interactions WHERE created_at >= ?1 AND created_at < ?2")
+            .bind(format_time(&sql::day_start(day)))
+            .bind(format_time(&sql::day_end(day)))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        let mut blocks = 0;
+        if let Some(last) = chained {
+            blocks = sqlx::query("DELETE FROM chain_blocks WHERE day = ?1 AND seq <= ?2")
+                .bind(&text)
+                .bind(last)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            sqlx::query(
+                "UPDATE chain_days SET anchor_seq = blocks, anchor_hash = head, retired_at = ?2 WHERE day = ?1",
+            )
+            .bind(&text)
+            .bind(format_time(&Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        tracing::info!(%day, records, blocks, "day expired");
+        Ok(ExpiredDay { records, blocks })
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
@@ -347,6 +484,7 @@ fn arguments(params: Vec<Param>) -> Result<SqliteArguments<'static>, StoreError>
             Param::Int(v) => args.add(v),
             Param::Time(v) => args.add(format_time(&v)),
             Param::Uuid(v) => args.add(v.to_string()),
+            Param::Date(v) => args.add(v.to_string()),
         }
         .map_err(StoreError::Other)?;
     }
