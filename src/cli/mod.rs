@@ -1,4 +1,5 @@
-//! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `bench`.
+//! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `verify`,
+//! `bench`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,8 +15,10 @@ use crate::model::id_from_key;
 use crate::store::{self, Store};
 
 mod read;
+mod verify;
 
 pub use read::{ExportArgs, FilterArgs, ListFormat, QueryArgs, StatsArgs, StatsFormat};
+pub use verify::VerifyArgs;
 
 /// The audit log for LLM operations agents.
 #[derive(Debug, Parser)]
@@ -59,6 +62,9 @@ pub enum Command {
         #[arg(long)]
         pii: bool,
     },
+    /// Check the hash chain: proves no record was edited, removed or added outside
+    /// retention. One line per day (with its head hash), exit status 1 if anything is broken.
+    Verify(VerifyArgs),
     /// Print one interaction as JSON.
     Show {
         /// The interaction's id.
@@ -99,11 +105,16 @@ pub enum BenchCommand {
 
 impl Command {
     /// True for commands whose output is their answer (`query`, `stats`, `export`,
-    /// `show`), which log only warnings unless `RUST_LOG` says otherwise.
+    /// `verify`, `show`), which log only warnings unless `RUST_LOG` says otherwise.
     pub fn is_report(&self) -> bool {
         matches!(
             self,
-            Command::Query(_) | Command::Stats(_) | Command::Export(_) | Command::Show { .. } | Command::Mask { .. }
+            Command::Query(_)
+                | Command::Stats(_)
+                | Command::Export(_)
+                | Command::Verify(_)
+                | Command::Show { .. }
+                | Command::Mask { .. }
         )
     }
 }
@@ -138,6 +149,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Query(args) => with_store(&config, |store| read::run_query(store, args)).await,
         Command::Stats(args) => with_store(&config, |store| read::run_stats(store, args)).await,
         Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
+        Command::Verify(args) => with_store(&config, |store| verify::run_verify(store, args)).await,
         Command::Mask { file, pii } => mask_test(&file, pii),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;

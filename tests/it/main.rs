@@ -5,6 +5,7 @@
 #[macro_use]
 mod common;
 
+mod chain;
 mod cli;
 mod export;
 mod fault;
