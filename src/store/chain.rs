@@ -447,7 +447,8 @@ mod tests {
     #[test]
     fn every_hashed_field_counts() {
         let base = record();
-        let changes: Vec<Box<dyn Fn(&mut Interaction)>> = vec![
+        type Change = Box<dyn Fn(&mut Interaction)>;
+        let changes: Vec<Change> = vec![
             Box::new(|r| r.session_id = Uuid::nil()),
             Box::new(|r| r.created_at += chrono::Duration::microseconds(1)),
             Box::new(|r| r.http_status = Some(200)),

@@ -30,7 +30,7 @@ fn day(text: &str) -> NaiveDate {
 fn record(day: &str, n: usize) -> Interaction {
     let mut r = Interaction::new(format!("为什么 pod web-{n} 崩溃？ \"quoted\" \\ tab\t✓"));
     r.created_at = format!("{day}T{:02}:{:02}:03.123456789Z", n % 24, n % 60).parse().expect("a time");
-    if n % 5 == 0 {
+    if n.is_multiple_of(5) {
         return r;
     }
     r.user_id = Some(format!("user-{}", n % 3));
@@ -65,9 +65,10 @@ fn record(day: &str, n: usize) -> Interaction {
         },
     ];
     r.final_answer = Some(format!("raise the memory limit ({n})"));
-    r.status = if n % 4 == 0 { Status::Error } else { Status::Success };
-    r.error = (n % 4 == 0).then(|| "tool failed".into());
-    r.http_status = Some(if n % 4 == 0 { 500 } else { 200 });
+    let failed = n.is_multiple_of(4);
+    r.status = if failed { Status::Error } else { Status::Success };
+    r.error = failed.then(|| "tool failed".into());
+    r.http_status = Some(if failed { 500 } else { 200 });
     r.total_duration_ms = Some(5230 + n as i64);
     r.assistant_duration_ms = Some(4100);
     r.parse_duration_ms = Some(0);
