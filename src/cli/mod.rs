@@ -150,7 +150,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Stats(args) => with_store(&config, |store| read::run_stats(store, args)).await,
         Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
         Command::Verify(args) => with_store(&config, |store| verify::run_verify(store, args)).await,
-        Command::Mask { file, pii } => mask_test(&file, pii),
+        Command::Mask { file, pii } => mask_test(&file, pii, &config.masking),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
             let record = store
@@ -169,8 +169,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// `mask --test FILE`.
-fn mask_test(file: &std::path::Path, pii: bool) -> anyhow::Result<()> {
+/// `mask --test FILE`: the configured rules (custom ones included; PII rules when
+/// configured or asked for), whether or not masking is enabled.
+fn mask_test(file: &std::path::Path, pii: bool, config: &crate::config::MaskingConfig) -> anyhow::Result<()> {
     use std::io::Read as _;
     let mut text = String::new();
     if file.as_os_str() == "-" {
@@ -178,7 +179,7 @@ fn mask_test(file: &std::path::Path, pii: bool) -> anyhow::Result<()> {
     } else {
         text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     }
-    let masker = crate::mask::Masker::new(pii, &[])?;
+    let masker = crate::mask::Masker::new(pii || config.pii, &config.rules)?;
     let masked = masker.mask(&text);
     std::io::stdout().lock().write_all(masked.as_bytes())?;
     let mut err = std::io::stderr().lock();
