@@ -38,4 +38,13 @@ CREATE TABLE chain_blocks (
 -- The block a record was committed in (NULL: written before this migration or with
 -- `audit.database.hash_chain: false`). Verification reads a block's records by it.
 ALTER TABLE interactions ADD COLUMN chain_block UUID;
+
+-- Records stored before this migration, per day: `verify` accepts that many unchained
+-- records on a day that is chained from now on (the upgrade day), and no more.
+CREATE TABLE chain_legacy (
+    day     DATE   PRIMARY KEY,
+    records BIGINT NOT NULL
+);
+INSERT INTO chain_legacy (day, records)
+SELECT (created_at AT TIME ZONE 'UTC')::date, count(*) FROM interactions GROUP BY 1;
 CREATE INDEX idx_interactions_chain_block ON interactions (chain_block);

@@ -24,4 +24,11 @@ CREATE TABLE chain_blocks (
 );
 
 ALTER TABLE interactions ADD COLUMN chain_block TEXT;
+
+CREATE TABLE chain_legacy (
+    day     TEXT    PRIMARY KEY,
+    records INTEGER NOT NULL
+);
+INSERT INTO chain_legacy (day, records)
+SELECT substr(created_at, 1, 10), count(*) FROM interactions GROUP BY 1;
 CREATE INDEX idx_interactions_chain_block ON interactions (chain_block);

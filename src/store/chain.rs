@@ -361,6 +361,9 @@ pub struct ChainDay {
     pub anchor_hash: Vec<u8>,
     /// When retention removed the day's records.
     pub retired_at: Option<DateTime<Utc>>,
+    /// Records of the day stored before the hash chain existed (migration 0004): that
+    /// many unchained records are expected on the day, no more.
+    pub legacy_records: i64,
 }
 
 /// One block of a day's chain, as stored.

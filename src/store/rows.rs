@@ -142,6 +142,7 @@ pub struct ChainDayRow {
     pub anchor_seq: i64,
     pub anchor_hash: Vec<u8>,
     pub retired_at: Option<DateTime<Utc>>,
+    pub legacy_records: i64,
 }
 
 /// A block of a day's chain.
@@ -327,6 +328,7 @@ impl From<ChainDayRow> for ChainDay {
             anchor_seq: row.anchor_seq,
             anchor_hash: row.anchor_hash,
             retired_at: row.retired_at,
+            legacy_records: row.legacy_records,
         }
     }
 }

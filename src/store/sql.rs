@@ -403,14 +403,18 @@ fn on_days(sql: &mut Sql, from: Option<NaiveDate>, to: Option<NaiveDate>) {
 /// The chain rows of the days from `from` to `to` (rows of `rows::ChainDayRow`).
 pub(crate) fn select_chain_days(backend: Backend, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Sql {
     let mut sql = Sql::new(backend);
-    sql.push("SELECT day, head, blocks, records, anchor_seq, anchor_hash, retired_at FROM chain_days WHERE true");
+    sql.push(
+        "SELECT c.day, c.head, c.blocks, c.records, c.anchor_seq, c.anchor_hash, c.retired_at,
+    COALESCE(l.records, 0) AS legacy_records
+FROM chain_days c LEFT JOIN chain_legacy l ON l.day = c.day WHERE true",
+    );
     if let Some(from) = from {
-        sql.push(" AND day >= ").bind(Param::Date(from));
+        sql.push(" AND c.day >= ").bind(Param::Date(from));
     }
     if let Some(to) = to {
-        sql.push(" AND day <= ").bind(Param::Date(to));
+        sql.push(" AND c.day <= ").bind(Param::Date(to));
     }
-    sql.push(" ORDER BY day");
+    sql.push(" ORDER BY c.day");
     sql
 }
 

@@ -186,7 +186,7 @@ async fn verify_day(
     let Some(chain_day) = chain_day else {
         // No chain: every record must be unchained; one carrying a block id was moved
         // here or forged.
-        let (unchained, stray) = scan_links(store, day, false, &HashMap::new()).await?;
+        let (unchained, stray) = scan_links(store, day, None, &HashMap::new()).await?;
         report.unchained = unchained;
         report.status = match stray {
             Some(stray) => DayStatus::Broken(stray.problem()),
@@ -206,7 +206,8 @@ async fn verify_day(
         report.status = DayStatus::Broken(problem);
         return Ok(report);
     }
-    let (unchained, stray) = scan_links(store, day, true, &walk.block_seqs).await?;
+    let legacy = u64::try_from(chain_day.legacy_records).unwrap_or(0);
+    let (unchained, stray) = scan_links(store, day, Some(legacy), &walk.block_seqs).await?;
     report.unchained = unchained;
     if let Some(stray) = stray {
         report.status = DayStatus::Broken(stray.problem());
@@ -374,12 +375,14 @@ impl Stray {
 }
 
 /// Streams the day's `(interaction_id, chain_block)` pairs: counts records without a
-/// block (allowed only on a day that is not `chained`) and returns the first record
-/// whose block is not one of `blocks`.
+/// block and returns the first record whose block is not one of `blocks`, or, on a
+/// chained day (`legacy` is `Some`), the first unchained record beyond the `legacy`
+/// ones stored before the chain existed (which one is the forgery cannot be told; the
+/// record named is the first beyond the count).
 async fn scan_links(
     store: &dyn Store,
     day: NaiveDate,
-    chained: bool,
+    legacy: Option<u64>,
     blocks: &HashMap<Uuid, i64>,
 ) -> Result<(u64, Option<Stray>), StoreError> {
     let mut links = store.day_links(day);
@@ -387,7 +390,9 @@ async fn scan_links(
     while let Some(link) = links.next().await {
         let link = link?;
         match link.chain_block {
-            None if chained => return Ok((unchained, Some(Stray::Unchained(link.interaction_id)))),
+            None if legacy.is_some_and(|n| unchained >= n) => {
+                return Ok((unchained, Some(Stray::Unchained(link.interaction_id))))
+            }
             None => unchained += 1,
             Some(block) if !blocks.contains_key(&block) => {
                 return Ok((unchained, Some(Stray::Foreign(link.interaction_id, block))));

@@ -337,7 +337,36 @@ async fn records_written_with_the_chain_off_are_unchained(db: &TestDb) {
     assert_eq!(report.first_problem().map(|(_, p)| p.kind), Some(ProblemKind::Inserted));
 }
 
+/// The upgrade day: records stored before migration 0004 have no block, and the day is
+/// chained from then on. Migration 0004 counted them per day, so `verify` expects exactly
+/// that many unchained records on that day: it passes, and one more unchained record (a
+/// forgery) is caught.
+async fn records_stored_before_the_chain_existed_are_expected_on_the_upgrade_day(db: &TestDb) {
+    let mut options = Config::default().database;
+    options.hash_chain = false;
+    let before = store::connect(&db.url, &options).await.expect("open");
+    before.migrate().await.expect("migrate");
+    before.write_batch(&records(DAYS[0], 0..5)).await.expect("write");
+    // What migration 0004 does at upgrade time, over the rows stored before it.
+    let day_of = if db.is_sqlite() { "substr(created_at, 1, 10)" } else { "(created_at AT TIME ZONE 'UTC')::date" };
+    db.execute(&format!(
+        "DELETE FROM chain_legacy; INSERT INTO chain_legacy (day, records) \
+         SELECT {day_of}, count(*) FROM interactions GROUP BY 1"
+    ))
+    .await;
+    let after = db.store().await;
+    after.write_batch(&records(DAYS[0], 5..9)).await.expect("write");
+    let report = verify_all(&*after).await;
+    assert!(report.is_ok(), "{report:#?}");
+    assert_eq!((report.days[0].records, report.days[0].unchained), (9, 5));
+    // A sixth unchained record on that day is one too many.
+    before.write_batch(&records(DAYS[0], 20..21)).await.expect("write");
+    let report = verify_all(&*after).await;
+    assert_eq!(report.first_problem().map(|(_, p)| p.kind), Some(ProblemKind::Inserted), "{report:#?}");
+}
+
 both_backends!(
+    records_stored_before_the_chain_existed_are_expected_on_the_upgrade_day,
     a_log_written_in_batches_verifies,
     an_updated_answer_is_caught_as_modified,
     an_updated_tool_call_is_caught_as_modified,
