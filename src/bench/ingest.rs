@@ -1,7 +1,11 @@
 //! `bench ingest`: the standard workload through the real pipeline, queued and with
 //! durable acknowledgements, and the same rows loaded with plain PostgreSQL `COPY` into a
-//! fresh schema in the same run, as the baseline. The last line printed is
-//! machine-readable: `ingest_per_s=… copy_per_s=… ratio=…` (SQLite: `ingest_per_s=…`).
+//! fresh schema in the same run, as the baseline. First, the same workload queued with
+//! masking and the hash chain both off (`plain`), so what security costs is measured in
+//! the same run: it goes first, so the secured phases write into the larger table (the
+//! ratio errs against security, not for it). The last two lines printed are
+//! machine-readable: `secured_per_s=… plain_per_s=… security_ratio=…`, then
+//! `ingest_per_s=… copy_per_s=… ratio=…` (SQLite: `ingest_per_s=…`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -13,8 +17,9 @@ use anyhow::{ensure, Context};
 use super::copy::run_copy_baseline;
 use super::{payload_bytes, peak_rss_bytes, tempfile_dir, PhaseResult, Workload};
 use crate::config::{Config, LimitsConfig};
+use crate::mask::Masker;
 use crate::model::Interaction;
-use crate::pipeline::AuditLogger;
+use crate::pipeline::{AuditLogger, Stage};
 use crate::store::{self, Backend, Store};
 
 /// Options of `bench ingest`.
@@ -37,7 +42,6 @@ pub struct IngestBenchArgs {
     pub no_baseline: bool,
 }
 
-/// Runs the benchmark and prints its table to stdout.
 /// Runs the benchmark and prints its table to stdout.
 pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Result<()> {
     let url = config.database.resolved_url()?;
@@ -63,8 +67,19 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     )?;
     out.flush()?;
 
-    let pipeline = run_pipeline(store.clone(), &pipeline_config, &config.limits, &args).await?;
-    let durable = run_durable(store.clone(), config, &pipeline_config, &args).await?;
+    // Masking and the chain as configured (both on by default) for the secured phases.
+    let masker: Option<Arc<dyn Stage>> = Masker::from_config(&config.masking)?.map(|m| Arc::new(m) as Arc<dyn Stage>);
+    let plain_store = {
+        let mut options = config.database.clone();
+        options.hash_chain = false;
+        store::open(&options).await.context("opening the benchmark database")?
+    };
+    let plain_seed = args.seed ^ 0x9_1a1_0000;
+    let plain = run_pipeline(plain_store.clone(), &pipeline_config, &config.limits, &args, None, plain_seed).await?;
+    plain_store.close().await;
+    let pipeline =
+        run_pipeline(store.clone(), &pipeline_config, &config.limits, &args, masker.clone(), args.seed).await?;
+    let durable = run_durable(store.clone(), config, &pipeline_config, &args, masker.clone()).await?;
     let baseline = if store.backend() == Backend::Postgres && !args.no_baseline {
         Some(run_copy_baseline(&url, &args).await?)
     } else {
@@ -78,7 +93,12 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
         "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
         "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
     )?;
-    for (name, r) in [("pipeline", Some(&pipeline)), ("durable", Some(&durable)), ("copy", baseline.as_ref())] {
+    for (name, r) in [
+        ("plain", Some(&plain)),
+        ("pipeline", Some(&pipeline)),
+        ("durable", Some(&durable)),
+        ("copy", baseline.as_ref()),
+    ] {
         let Some(r) = r else { continue };
         let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
         writeln!(
@@ -97,10 +117,23 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     write!(out, "{table}")?;
     writeln!(
         out,
+        "plain: masking and hash chain off; pipeline and durable: masking {}, hash chain {}",
+        if masker.is_some() { "on" } else { "off" },
+        if config.database.hash_chain { "on" } else { "off" },
+    )?;
+    writeln!(
+        out,
         "queued_per_s={:.0} durable_per_s={:.0} durable_ratio={:.2}",
         pipeline.per_second(),
         durable.per_second(),
         durable.per_second() / pipeline.per_second()
+    )?;
+    writeln!(
+        out,
+        "secured_per_s={:.0} plain_per_s={:.0} security_ratio={:.2}",
+        pipeline.per_second(),
+        plain.per_second(),
+        pipeline.per_second() / plain.per_second()
     )?;
     match baseline {
         Some(b) => writeln!(
@@ -115,15 +148,19 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     Ok(())
 }
 
+/// The workload of `seed`, queued (fire and forget), through `stage` when given.
 async fn run_pipeline(
     store: Arc<dyn Store>,
     pipeline_config: &crate::config::AsyncConfig,
     limits: &LimitsConfig,
     args: &IngestBenchArgs,
+    stage: Option<Arc<dyn Stage>>,
+    seed: u64,
 ) -> anyhow::Result<PhaseResult> {
     let before = store.count_interactions().await?;
-    let mut workload = Workload::new(args.seed);
-    let logger = AuditLogger::start(store.clone(), pipeline_config, limits);
+    let mut workload = Workload::new(seed);
+    let logger =
+        stage.into_iter().fold(AuditLogger::builder(store.clone(), pipeline_config, limits), |b, s| b.stage(s)).start();
     // Pace the producer so the benchmark measures the writers, not the drop policy.
     let high_water = (pipeline_config.queue_size / 2).max(pipeline_config.batch_size);
     let mut bytes = 0u64;
@@ -166,6 +203,7 @@ async fn run_durable(
     config: &Config,
     pipeline_config: &crate::config::AsyncConfig,
     args: &IngestBenchArgs,
+    stage: Option<Arc<dyn Stage>>,
 ) -> anyhow::Result<PhaseResult> {
     use futures::StreamExt;
     const DURABLE_PRODUCERS: usize = 256;
@@ -173,7 +211,8 @@ async fn run_durable(
     let dir = tempfile_dir()?;
     let spool_config = crate::config::SpoolConfig { dir: dir.clone(), ..config.spool.clone() };
     let spool = crate::pipeline::Spool::open(&spool_config, pipeline_config.queue_size)?;
-    let logger = AuditLogger::start_with_spool(store.clone(), pipeline_config, &config.limits, Some(spool));
+    let builder = AuditLogger::builder(store.clone(), pipeline_config, &config.limits).spool(Some(spool));
+    let logger = stage.into_iter().fold(builder, |b, s| b.stage(s)).start();
     // Fresh ids: the queued phase already stored this seed's records.
     let mut workload = Workload::new(args.seed ^ 0x5eed_d0d0);
     let records: Vec<Interaction> = (0..args.records).map(|i| workload.record(i)).collect();
