@@ -74,7 +74,7 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
         options.hash_chain = false;
         store::open(&options).await.context("opening the benchmark database")?
     };
-    let plain_seed = args.seed ^ 0x9_1a1_0000;
+    let plain_seed = args.seed ^ 0x91a1_0000;
     let plain = run_pipeline(plain_store.clone(), &pipeline_config, &config.limits, &args, None, plain_seed).await?;
     plain_store.close().await;
     let pipeline =
