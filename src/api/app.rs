@@ -128,6 +128,7 @@ impl Application {
             "opsagent-audit listening"
         );
         let state = AppState::new(logger, store, config, masker, auth);
+        tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
         Ok(Application { listener, state, startup, stop_startup })
     }
 
@@ -281,6 +282,26 @@ async fn wait_for_database(
                 tracing::warn!(attempts, retry_in = ?wait, reason = %reason, "database still not ready");
                 logger.store_not_ready(&reason);
             }
+        }
+    }
+}
+
+/// How often the database size gauge is refreshed.
+const DATABASE_SIZE_EVERY: Duration = Duration::from_secs(60);
+
+/// Samples the database's size for `/metrics` every [`DATABASE_SIZE_EVERY`] until `stop`.
+/// A failure (the database down) leaves the last value and is not logged: the outage
+/// is reported by the pipeline already.
+async fn sample_database_size(state: AppState, stop: CancellationToken) {
+    let mut every = tokio::time::interval(DATABASE_SIZE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Ok(bytes) = state.store.database_bytes().await {
+            state.metrics.set_database_bytes(bytes);
         }
     }
 }

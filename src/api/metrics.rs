@@ -7,15 +7,17 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
 use super::auth::Refusal;
 use super::AppState;
@@ -26,6 +28,23 @@ use crate::pipeline::{AuditLogger, StatsSnapshot};
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+/// Labels of an HTTP request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// The route pattern (`/api/v1/interactions/{interaction_id}`), `unmatched` for 404s,
+    /// so ids never become label values.
+    route: String,
+    method: String,
+    status: u16,
+}
+
+/// Labels of a request's duration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    method: String,
 }
 
 /// Label naming an API token.
@@ -39,6 +58,9 @@ pub struct Metrics {
     registry: Registry,
     auth_failures: Family<ReasonLabel, Counter>,
     rate_limited: Family<TokenLabel, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: Family<RouteLabels, Histogram>,
+    database_bytes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,8 +85,34 @@ impl Metrics {
             "API requests refused with 429 because a token exceeded audit.limits.requests_per_second",
             rate_limited.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests answered, by route, method and status", requests.clone());
+        let request_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time from a request's arrival to its response head, by route and method",
+            Unit::Seconds,
+            request_seconds.clone(),
+        );
+        let database_bytes = Gauge::default();
+        registry.register_with_unit(
+            "database_size",
+            "Size of the database (PostgreSQL: pg_database_size; SQLite: pages), sampled every minute",
+            Unit::Bytes,
+            database_bytes.clone(),
+        );
+        let stats = logger.stats();
+        registry.register_with_unit(
+            "commit_latency",
+            "Time from a record's enqueue to its commit",
+            Unit::Seconds,
+            stats.commit_latency.clone(),
+        );
+        registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
         registry.register_collector(Box::new(PipelineCollector { logger, masker }));
-        Metrics { registry, auth_failures, rate_limited }
+        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes }
     }
 
     /// Counts a refused request.
@@ -77,10 +125,15 @@ impl Metrics {
         self.rate_limited.get_or_create(&TokenLabel { token: token.to_owned() }).inc();
     }
 
-    /// The exposition text.
+    /// Sets the sampled database size.
+    pub fn set_database_bytes(&self, bytes: u64) {
+        self.database_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text, in the Prometheus text format (0.0.4) every scraper reads.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
         Ok(text)
     }
 }
@@ -131,14 +184,29 @@ impl Collector for PipelineCollector {
             ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
         }
 
-        for (name, help, value) in [
-            ("queue_records", "Records waiting in the memory queue", s.queue_len),
-            ("spool_records", "Records in the disk spool not yet committed", s.spool_records),
-            ("spool_bytes", "Bytes of the disk spool", s.spool_bytes),
+        for (name, help, unit, value) in [
+            ("queue_records", "Records waiting in the memory queue", None, s.queue_len),
+            ("intake_records", "Records accepted and being masked and placed in the queue or spool", None, s.intake),
+            ("in_flight_records", "Memory records a writer holds now", None, s.in_flight),
+            ("spool_records", "Records in the disk spool not yet committed", None, s.spool_records),
+            (
+                "spool_appending_records",
+                "Records handed to the spool, not yet written and fsync'd",
+                None,
+                s.spool_appending,
+            ),
+            ("spool", "Size of the disk spool's segment files", Some(&Unit::Bytes), s.spool_bytes),
         ] {
             let gauge = ConstGauge::new(value as i64);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+            gauge.encode(encoder.encode_descriptor(name, help, unit, gauge.metric_type())?)?;
         }
+        let oldest = ConstGauge::new(s.oldest_uncommitted_ms.map_or(0.0, |ms| ms as f64 / 1000.0));
+        oldest.encode(encoder.encode_descriptor(
+            "oldest_uncommitted_record_age",
+            "Age of the oldest record not yet committed (0 when none waits)",
+            Some(&Unit::Seconds),
+            oldest.metric_type(),
+        )?)?;
 
         if let Some(masker) = &self.masker {
             let masked = ConstCounter::new(0u64);
@@ -154,6 +222,22 @@ impl Collector for PipelineCollector {
         }
         Ok(())
     }
+}
+
+/// Middleware: counts every request by route, method and status, and times it.
+pub async fn track(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let metrics = &app.metrics;
+    metrics
+        .request_seconds
+        .get_or_create(&RouteLabels { route: route.clone(), method: method.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    metrics.requests.get_or_create(&RequestLabels { route, method, status: response.status().as_u16() }).inc();
+    response
 }
 
 /// `GET /metrics`.

@@ -118,6 +118,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(HandleErrorLayer::new(move |e: BoxError| async move { request_failed(e, request_timeout) }))
                 .layer(TimeoutLayer::new(request_timeout)),
         )
+        // Outside the timeout, so a 408 is counted too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -157,6 +159,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// spool, which is the point of having one. Without a spool it is `503`.
 async fn readyz(State(app): State<AppState>) -> Response {
     let pipeline = app.logger.snapshot();
+    let backlog = backlog(&app, &pipeline);
     let unavailable = |error: String| {
         if app.logger.has_spool() {
             (
@@ -167,13 +170,14 @@ async fn readyz(State(app): State<AppState>) -> Response {
                     "error": error,
                     "detail": "records are being spooled to disk and will be written when the database returns",
                     "pipeline": pipeline,
+                    "backlog": backlog,
                 })),
             )
                 .into_response()
         } else {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "database_unavailable", "error": error, "pipeline": pipeline })),
+                Json(json!({ "status": "database_unavailable", "error": error, "pipeline": pipeline, "backlog": backlog })),
             )
                 .into_response()
         }
@@ -187,7 +191,25 @@ async fn readyz(State(app): State<AppState>) -> Response {
         Ok(Ok(r)) if r.is_ready() => match app.logger.database_down() {
             // The database answers a probe but batch writes still fail.
             Some(error) => unavailable(error),
-            None => (StatusCode::OK, Json(json!({ "status": "ready", "pipeline": pipeline }))).into_response(),
+            // Writes succeed but the spool is close to its limit: still taking records,
+            // but someone should look before records are dropped.
+            None if backlog["spool_filling"] == true => (
+                StatusCode::OK,
+                Json(json!({
+                    "status": "degraded",
+                    "detail": format!(
+                        "the spool is {:.0}% full (audit.spool.max_bytes): records will be dropped by its full_policy soon",
+                        backlog["spool_fill"].as_f64().unwrap_or(0.0) * 100.0
+                    ),
+                    "pipeline": pipeline,
+                    "backlog": backlog,
+                })),
+            )
+                .into_response(),
+            None => {
+                (StatusCode::OK, Json(json!({ "status": "ready", "pipeline": pipeline, "backlog": backlog })))
+                    .into_response()
+            }
         },
         Ok(Ok(r)) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -201,4 +223,20 @@ async fn readyz(State(app): State<AppState>) -> Response {
         Ok(Err(e)) => unavailable(e.to_string()),
         Err(_) => unavailable(format!("no answer within {READINESS_PROBE:?}")),
     }
+}
+
+/// Share of `audit.spool.max_bytes` from which `/readyz` reports the spool filling up.
+pub const SPOOL_FILLING: f64 = 0.9;
+
+/// What waits to be written: the spool's fill and the oldest record's age.
+fn backlog(app: &AppState, pipeline: &crate::pipeline::StatsSnapshot) -> serde_json::Value {
+    let max_bytes = app.config.spool.max_bytes.max(1);
+    let fill = if app.logger.has_spool() { pipeline.spool_bytes as f64 / max_bytes as f64 } else { 0.0 };
+    json!({
+        "spool_bytes": pipeline.spool_bytes,
+        "spool_max_bytes": app.config.spool.max_bytes,
+        "spool_fill": (fill * 1000.0).round() / 1000.0,
+        "spool_filling": fill >= SPOOL_FILLING,
+        "oldest_uncommitted_seconds": pipeline.oldest_uncommitted_ms.map(|ms| ms as f64 / 1000.0),
+    })
 }

@@ -146,6 +146,7 @@ impl AuditLogger {
             closing: CancellationToken::new(),
             health: Health::new(waiting_for.is_none(), waiting_for.unwrap_or_default()),
             drop_log: RateLimitedLog::new(DROP_LOG_INTERVAL),
+            dead_letter_log: RateLimitedLog::new(DROP_LOG_INTERVAL),
         });
         let workers = (0..config.workers.max(1)).map(|id| tokio::spawn(writer::run(id, shared.clone()))).collect();
         tracing::info!(
@@ -230,7 +231,11 @@ impl AuditLogger {
             };
         };
         let record = prepare(shared, record);
-        match spool.append_durable(&record).await {
+        let (fsynced, notice) = oneshot::channel();
+        // An error here is also sent to the notice, which reports it below.
+        let _ = spool.append(&record, Some(fsynced));
+        shared.stats.intake.fetch_sub(1, Ordering::SeqCst);
+        match notice.await.unwrap_or(Err(SpoolError::Closed)) {
             Ok(()) => Ok(Durable::Spooled),
             // The spool counted the drop where it happened.
             Err(e @ SpoolError::Full { .. }) => {
@@ -250,6 +255,12 @@ impl AuditLogger {
         };
         let shared = &running.shared;
         let envelope = Envelope::new(prepare(shared, record), on_commit);
+        Self::place(shared, envelope);
+        shared.stats.intake.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Puts a prepared record in the queue, or the spool, or counts its drop.
+    fn place(shared: &Shared, envelope: Envelope) {
         // While the database is down, or once shutdown began, new records go straight
         // to disk rather than piling up in memory.
         let closing = shared.closing.is_cancelled();
@@ -286,11 +297,23 @@ impl AuditLogger {
     pub fn snapshot(&self) -> StatsSnapshot {
         let Some(running) = &self.inner else { return StatsSnapshot::default() };
         let shared = &running.shared;
+        let get = |c: &AtomicU64| c.load(Ordering::SeqCst);
+        // Read in the order records flow (accepted, then where they wait, then the
+        // outcomes), so a record moving on between two reads is seen at least once:
+        // accepted <= outcomes + waiting holds in every snapshot, even under load.
+        let accepted = get(&shared.stats.accepted);
+        let intake = get(&shared.stats.intake);
+        let queue_len = shared.queue.len() as u64;
+        let spool_appending = shared.spool.as_ref().map_or(0, |s| s.appending());
+        let in_flight = shared.queue.taken();
+        let spool_records = shared.spool.as_ref().map_or(0, |s| get(&s.stats().records));
         let mut snapshot = shared.stats.snapshot();
-        snapshot.queue_len = shared.queue.len() as u64;
+        snapshot.accepted = accepted;
+        snapshot.queue_len = queue_len;
+        snapshot.in_flight = in_flight;
+        snapshot.intake = intake;
         if let Some(spool) = &shared.spool {
             let s = spool.stats();
-            let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
             snapshot.spooled = get(&s.spooled);
             snapshot.replayed = get(&s.replayed);
             snapshot.dropped_spool_full = get(&s.dropped_full);
@@ -298,9 +321,21 @@ impl AuditLogger {
             snapshot.spool_corrupt_records = get(&s.corrupt_records);
             snapshot.spool_corrupt_bytes = get(&s.corrupt_bytes);
             snapshot.spool_bytes = get(&s.bytes);
-            snapshot.spool_records = get(&s.records);
+            snapshot.spool_records = spool_records;
+            snapshot.spool_appending = spool_appending;
         }
+        snapshot.oldest_uncommitted_ms = self.oldest_uncommitted_age().map(|age| age.as_millis() as u64);
         snapshot
+    }
+
+    /// How long the oldest record not yet committed has waited: the memory queue's
+    /// oldest, or the spool's oldest segment with records waiting (whichever is older).
+    pub fn oldest_uncommitted_age(&self) -> Option<Duration> {
+        let shared = &self.inner.as_ref()?.shared;
+        let in_memory = shared.queue.oldest_enqueued_at().map(|t| t.elapsed());
+        let in_spool =
+            shared.spool.as_ref().and_then(|s| s.oldest_pending_since()).map(|t| t.elapsed().unwrap_or_default());
+        in_memory.into_iter().chain(in_spool).max()
     }
 
     /// Why the database is not taking writes (a failing write, or start-up still
@@ -398,8 +433,11 @@ impl AuditLogger {
 /// Counts a record on its way in, runs the stages (masking) over it, then sanitises it:
 /// the one door every record comes through, so nothing reaches the queue, the spool, a
 /// dead letter or a log line unmasked.
+/// The caller takes the record off `intake` once it has placed it.
 fn prepare(shared: &Shared, mut record: Interaction) -> Interaction {
-    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    // `intake` before `accepted`: see `snapshot` for why the order matters.
+    shared.stats.intake.fetch_add(1, Ordering::SeqCst);
+    shared.stats.accepted.fetch_add(1, Ordering::SeqCst);
     // Masking runs before truncation so a secret straddling the cut is still seen whole.
     for stage in &shared.stages {
         stage.process(&mut record);

@@ -20,6 +20,9 @@ pub struct MemoryQueue {
     state: Mutex<State>,
     ready: Notify,
     capacity: usize,
+    /// Records taken by [`MemoryQueue::next_batch`] and not yet [`MemoryQueue::finished`]:
+    /// counted under the lock that removes them, so a record is always in the queue or here.
+    taken: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +34,12 @@ struct State {
 impl MemoryQueue {
     /// A queue holding at most `capacity` records.
     pub fn new(capacity: usize) -> Self {
-        MemoryQueue { state: Mutex::new(State::default()), ready: Notify::new(), capacity: capacity.max(1) }
+        MemoryQueue {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
+            taken: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -63,6 +71,21 @@ impl MemoryQueue {
     /// Records waiting.
     pub fn len(&self) -> usize {
         self.lock().items.len()
+    }
+
+    /// Records taken as batches and not yet finished (a writer holds them).
+    pub fn taken(&self) -> u64 {
+        self.taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A writer is done with `n` records it took (committed, refused, spilled or dropped).
+    pub fn finished(&self, n: u64) {
+        self.taken.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// When the oldest waiting record was queued.
+    pub fn oldest_enqueued_at(&self) -> Option<tokio::time::Instant> {
+        self.lock().items.front().map(|e| e.enqueued_at)
     }
 
     /// True when nothing is waiting.
@@ -100,6 +123,7 @@ impl MemoryQueue {
                 if state.items.len() >= max || state.closed || due.is_some_and(|d| d <= Instant::now()) {
                     let take = state.items.len().min(max);
                     let batch: Batch = state.items.drain(..take).collect();
+                    self.taken.fetch_add(take as u64, std::sync::atomic::Ordering::SeqCst);
                     let more = !state.items.is_empty();
                     drop(state);
                     if more {

@@ -78,6 +78,7 @@ pub(crate) struct Shared {
     pub(crate) closing: CancellationToken,
     pub(crate) health: Health,
     pub(crate) drop_log: RateLimitedLog,
+    pub(crate) dead_letter_log: RateLimitedLog,
 }
 
 impl Shared {

@@ -75,6 +75,12 @@ pub struct PipelineStats {
     pub dead_lettered: AtomicU64,
     /// Records moved from memory to the spool (queue full, database down, shutdown).
     pub spilled: AtomicU64,
+    /// Records accepted and being masked and placed (not yet in the queue or the spool).
+    pub intake: AtomicU64,
+    /// Enqueue→commit latency, seconds (exported as a Prometheus histogram).
+    pub commit_latency: prometheus_client::metrics::histogram::Histogram,
+    /// Records per committed batch.
+    pub batch_records: prometheus_client::metrics::histogram::Histogram,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -95,6 +101,15 @@ impl Default for PipelineStats {
             sanitized_fields: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             spilled: AtomicU64::new(0),
+            intake: AtomicU64::new(0),
+            // 1 ms to ~2 min: a commit within a batch interval, up to a long outage's
+            // spool drain.
+            commit_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 18),
+            ),
+            batch_records: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14),
+            ),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")),
         }
     }
@@ -117,9 +132,14 @@ impl PipelineStats {
     pub(crate) fn record_latency(&self, since: impl IntoIterator<Item = Instant>) {
         let now = Instant::now();
         let mut h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = 0u64;
         for t in since {
-            h.saturating_record(now.saturating_duration_since(t).as_micros() as u64);
+            let waited = now.saturating_duration_since(t);
+            h.saturating_record(waited.as_micros() as u64);
+            self.commit_latency.observe(waited.as_secs_f64());
+            records += 1;
         }
+        self.batch_records.observe(records as f64);
     }
 
     /// Enqueue→commit latency quantile (0.0–1.0), in microseconds.
@@ -180,6 +200,15 @@ pub struct StatsSnapshot {
     pub spool_bytes: u64,
     /// Records in the spool not yet committed.
     pub spool_records: u64,
+    /// Memory records a writer holds now.
+    pub in_flight: u64,
+    /// Records handed to the spool, not yet written and fsync'd.
+    pub spool_appending: u64,
+    /// Records accepted and being masked and placed.
+    pub intake: u64,
+    /// Age of the oldest record not yet committed, in milliseconds (the queue's oldest,
+    /// or the spool's oldest segment with records waiting); `None` when nothing waits.
+    pub oldest_uncommitted_ms: Option<u64>,
 }
 
 impl StatsSnapshot {

@@ -34,7 +34,10 @@ pub(super) async fn run(id: usize, shared: Arc<Shared>) {
         if batch.is_empty() {
             continue;
         }
+        // The queue counted the memory records it handed out (in flight) until now.
+        let in_memory = batch.envelopes.iter().filter(|e| e.in_memory()).count() as u64;
         write(&shared, batch).await;
+        shared.queue.finished(in_memory);
     }
     tracing::debug!(writer = id, "audit writer stopped");
 }
@@ -238,7 +241,11 @@ async fn dead_letter(shared: &Shared, envelope: Envelope, error: &StoreError) {
         shared.drop_record(envelope, DropReason::Rejected, &reason);
         return;
     }
-    tracing::error!(interaction_id = %id, error = %reason, "database refused an audit record; dead-lettered");
+    // One line a second at most: a producer sending bad records in a loop must not
+    // flood the log; the counter (and the table) has every one.
+    shared.dead_letter_log.log(|suppressed| {
+        tracing::error!(interaction_id = %id, error = %reason, suppressed, "database refused an audit record; dead-lettered");
+    });
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     settle_spool(shared, std::iter::once(envelope.origin));
     envelope.resolve(Outcome::DeadLettered(reason));

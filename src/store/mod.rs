@@ -213,6 +213,10 @@ pub trait Store: BatchSink {
     /// Checks the database answers and reports migrations not yet applied.
     async fn readiness(&self) -> Result<Readiness, StoreError>;
 
+    /// The database's size on disk, in bytes (for the metrics; cheap, but not free:
+    /// sample it, do not call it per scrape).
+    async fn database_bytes(&self) -> Result<u64, StoreError>;
+
     /// Reads one interaction with its thoughts, tool calls and metrics.
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError>;
 

@@ -383,6 +383,14 @@ impl Store for PostgresStore {
         Ok(Readiness::against(&MIGRATOR, &applied))
     }
 
+    async fn database_bytes(&self) -> Result<u64, StoreError> {
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
     #[instrument(skip(self))]
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
         read::interaction(self, interaction_id).await

@@ -368,6 +368,16 @@ impl Store for SqliteStore {
         Ok(Readiness::against(&MIGRATOR, &applied))
     }
 
+    async fn database_bytes(&self) -> Result<u64, StoreError> {
+        // The main file only: the WAL is checkpointed back into it.
+        let bytes: i64 =
+            sqlx::query_scalar("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
     #[instrument(skip(self))]
     async fn get_interaction(&self, interaction_id: Uuid) -> Result<Interaction, StoreError> {
         read::interaction(self, interaction_id).await

@@ -11,6 +11,7 @@ mod export;
 mod fault;
 mod ingest_http;
 mod limits;
+mod metrics;
 mod pg_cluster;
 mod pipeline;
 mod query;

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 /// One segment file's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,17 +33,21 @@ pub struct Segment {
     pub read: u64,
     /// Records settled (committed, already stored, dead-lettered, or unreadable).
     pub settled: u64,
+    /// When its first record was written, at the latest: creation for a new segment,
+    /// the file's modification time for one found at start-up (its records are older).
+    pub since: SystemTime,
 }
 
 impl Segment {
     /// A segment found at start-up: sealed, nothing read yet.
     pub fn recovered(path: PathBuf, bytes: u64, records: u64) -> Segment {
-        Segment { path, bytes, records, sealed: true, read: 0, settled: 0 }
+        let since = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        Segment { path, bytes, records, sealed: true, read: 0, settled: 0, since }
     }
 
     /// A new segment the appender writes to.
     pub fn active(path: PathBuf, bytes: u64) -> Segment {
-        Segment { path, bytes, records: 0, sealed: false, read: 0, settled: 0 }
+        Segment { path, bytes, records: 0, sealed: false, read: 0, settled: 0, since: SystemTime::now() }
     }
 
     /// Every record read and every record read settled.
@@ -101,6 +106,11 @@ impl Ledger {
     /// The oldest live segment with an id of at least `from`.
     pub fn first_from(&self, from: u64) -> Option<u64> {
         self.segments.range(from..).next().map(|(&id, _)| id)
+    }
+
+    /// When the oldest record not yet settled was written, at the latest.
+    pub fn oldest_unsettled_since(&self) -> Option<SystemTime> {
+        self.segments.values().filter(|s| s.settled < s.records).map(|s| s.since).min()
     }
 
     /// The oldest live segment.

@@ -185,6 +185,8 @@ struct Shared {
     policy: FullPolicy,
     /// Bound on fire-and-forget records waiting for the appender.
     pending_limit: usize,
+    /// Records inside `append` (being encoded), not yet in `pending`.
+    entering: AtomicU64,
     state: Mutex<State>,
     /// Wakes the appender thread.
     work: Condvar,
@@ -260,6 +262,7 @@ impl Spool {
             segment_bytes,
             policy: config.full_policy,
             pending_limit: pending_limit.max(1),
+            entering: AtomicU64::new(0),
             state: Mutex::new(State { ledger, ..State::default() }),
             work: Condvar::new(),
             readable: Notify::new(),
@@ -279,6 +282,21 @@ impl Spool {
         self.shared.stats.clone()
     }
 
+    /// Records handed to the spool and not yet written and fsync'd (waiting for the
+    /// appender's next group commit); they are not in [`SpoolStats::records`] yet.
+    pub fn appending(&self) -> u64 {
+        // `entering` first: a record moving on into `pending` is then seen at least once.
+        let entering = self.shared.entering.load(Ordering::SeqCst);
+        let state = self.shared.lock();
+        entering + (state.pending.len() + state.writing) as u64
+    }
+
+    /// When the oldest record still waiting in the spool was written (at the latest;
+    /// segment granularity).
+    pub fn oldest_pending_since(&self) -> Option<std::time::SystemTime> {
+        self.shared.lock().ledger.oldest_unsettled_since()
+    }
+
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
@@ -289,6 +307,13 @@ impl Spool {
     /// A fire-and-forget record (no `notice`) that finds the appender's backlog full is
     /// dropped and counted; the returned error says so.
     pub fn append(&self, record: &Interaction, notice: Option<FsyncNotice>) -> Result<(), SpoolError> {
+        self.shared.entering.fetch_add(1, Ordering::SeqCst);
+        let result = self.enter(record, notice);
+        self.shared.entering.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn enter(&self, record: &Interaction, notice: Option<FsyncNotice>) -> Result<(), SpoolError> {
         let frame = frame::encode(record);
         let mut state = self.shared.lock();
         if state.closing {
