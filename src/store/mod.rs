@@ -27,6 +27,7 @@ use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use crate::model::Interaction;
 
 pub mod chain;
+pub mod consistency;
 pub mod filter;
 pub mod postgres;
 mod read;
@@ -40,6 +41,7 @@ pub use filter::{
 };
 
 pub use chain::{ChainBlock, ChainDay, DayCount, ExpiredDay, RecordLink};
+pub use consistency::{ChildTable, Finding, Inspection};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -276,6 +278,22 @@ pub trait Store: BatchSink {
     /// with its head as the anchor that later blocks (late records of the day) continue
     /// from, so `verify` still passes. Sessions are left alone (they span days).
     async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError>;
+
+    /// Counts what `inspection` looks for (`doctor`), with up to `examples` of them.
+    async fn inspect(&self, inspection: Inspection, examples: u32) -> Result<Finding, StoreError>;
+
+    /// Deletes the rows of `child` whose interaction does not exist (`doctor --repair`);
+    /// returns how many. Touches nothing else: rows with their interaction, and the
+    /// chain, are never changed.
+    async fn delete_orphans(&self, child: ChildTable) -> Result<u64, StoreError>;
+
+    /// Whether the full-text index agrees with the rows it indexes; `None` where the
+    /// database maintains the index itself (PostgreSQL's trigram indexes).
+    async fn search_index_intact(&self) -> Result<Option<bool>, StoreError>;
+
+    /// Rebuilds the full-text index from the rows (a no-op where the database maintains
+    /// it itself).
+    async fn rebuild_search_index(&self) -> Result<(), StoreError>;
 
     /// Closes the connections.
     async fn close(&self);

@@ -25,6 +25,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
+use super::consistency::{self, ChildTable, Finding, Inspection};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
 use super::read::{self, Fetch, ReadRow};
 use super::rows::SELECT_APPLIED_MIGRATIONS;
@@ -490,6 +491,26 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(classify)?;
         tracing::info!(%day, records, blocks, "day expired");
         Ok(ExpiredDay { records, blocks })
+    }
+
+    #[instrument(skip(self))]
+    async fn inspect(&self, inspection: Inspection, examples: u32) -> Result<Finding, StoreError> {
+        consistency::inspect(self, inspection, examples).await
+    }
+
+    #[instrument(skip(self))]
+    async fn delete_orphans(&self, child: ChildTable) -> Result<u64, StoreError> {
+        let done = sqlx::query(&consistency::delete_orphans(child)).execute(&self.pool).await.map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn search_index_intact(&self) -> Result<Option<bool>, StoreError> {
+        // The trigram GIN indexes are ordinary indexes, kept in step by PostgreSQL.
+        Ok(None)
+    }
+
+    async fn rebuild_search_index(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn close(&self) {

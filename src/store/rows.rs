@@ -119,6 +119,13 @@ pub struct CountRow {
     pub n: i64,
 }
 
+/// One offending item of a consistency inspection, named.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(missing_docs)]
+pub struct ExampleRow {
+    pub example: String,
+}
+
 /// A dead letter.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(missing_docs)]

@@ -29,6 +29,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
+use super::consistency::{self, ChildTable, Finding, Inspection};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
 use super::read::{self, Fetch, ReadRow};
 use super::rows::SELECT_APPLIED_MIGRATIONS;
@@ -47,6 +48,9 @@ const MAX_CONNECTIONS: u32 = 4;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A connection of a file database is replaced after this.
 const MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The full-text index over question and final answer (migration 0003).
+const FTS_TABLE: &str = "interactions_fts";
 
 /// The SQLite schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -478,6 +482,49 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(classify)?;
         tracing::info!(%day, records, blocks, "day expired");
         Ok(ExpiredDay { records, blocks })
+    }
+
+    #[instrument(skip(self))]
+    async fn inspect(&self, inspection: Inspection, examples: u32) -> Result<Finding, StoreError> {
+        consistency::inspect(self, inspection, examples).await
+    }
+
+    #[instrument(skip(self))]
+    async fn delete_orphans(&self, child: ChildTable) -> Result<u64, StoreError> {
+        let _guard = self.write_lock.lock().await;
+        let done = sqlx::query(&consistency::delete_orphans(child)).execute(&self.pool).await.map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    #[instrument(skip(self))]
+    async fn search_index_intact(&self) -> Result<Option<bool>, StoreError> {
+        // With rank 1, FTS5 also compares the index with the external content table
+        // (`interactions`), which is where a drift shows: rows written while the
+        // triggers were missing, or the index edited by hand.
+        match sqlx::query(&format!("INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('integrity-check', 1)"))
+            .execute(&self.pool)
+            .await
+        {
+            Ok(_) => Ok(Some(true)),
+            // SQLITE_CORRUPT (11) and its extended codes (SQLITE_CORRUPT_VTAB): the check's
+            // way of saying the index disagrees.
+            Err(sqlx::Error::Database(db))
+                if db.code().and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| c & 0xff == 11) =>
+            {
+                Ok(Some(false))
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    #[instrument(skip(self))]
+    async fn rebuild_search_index(&self) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().await;
+        sqlx::query(&format!("INSERT INTO {FTS_TABLE} ({FTS_TABLE}) VALUES ('rebuild')"))
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn close(&self) {
