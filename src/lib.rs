@@ -7,6 +7,7 @@
 //!
 //! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] → [`ingest`],
 //! [`query`] and [`export`] → [`pipeline`] → [`store`] → [`model`] and [`config`].
+//! [`doctor`] sits above [`pipeline`] (it reads the spool's files) and [`store`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod export;
 pub mod ingest;
 pub mod mask;

@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `verify`,
-//! `bench`.
+//! `doctor`, `bench`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,9 +14,11 @@ use crate::config::{redact_url, CliOverrides, Config, LogFormat};
 use crate::model::id_from_key;
 use crate::store::{self, Store};
 
+mod doctor;
 mod read;
 mod verify;
 
+pub use doctor::{DoctorArgs, DoctorFormat};
 pub use read::{ExportArgs, FilterArgs, ListFormat, QueryArgs, StatsArgs, StatsFormat};
 pub use verify::VerifyArgs;
 
@@ -65,6 +67,10 @@ pub enum Command {
     /// Check the hash chain: proves no record was edited, removed or added outside
     /// retention. One line per day (with its head hash), exit status 1 if anything is broken.
     Verify(VerifyArgs),
+    /// Consistency checks of the database and the spool (orphans, sequence gaps, the hash
+    /// chain, migrations, unreadable spool files, disk space); `--repair` fixes what is
+    /// safe. Exit status 1 when a check fails.
+    Doctor(DoctorArgs),
     /// Print one interaction as JSON.
     Show {
         /// The interaction's id.
@@ -101,11 +107,14 @@ pub enum BenchCommand {
     Query(crate::bench::QueryBenchArgs),
     /// Masking throughput on the standard workload (no database).
     Mask(crate::bench::MaskBenchArgs),
+    /// Bytes per interaction at rest (PostgreSQL, with and without indexes) and in the
+    /// Parquet archive.
+    Storage(crate::bench::StorageBenchArgs),
 }
 
 impl Command {
     /// True for commands whose output is their answer (`query`, `stats`, `export`,
-    /// `verify`, `show`), which log only warnings unless `RUST_LOG` says otherwise.
+    /// `verify`, `doctor`, `show`), which log only warnings unless `RUST_LOG` says otherwise.
     pub fn is_report(&self) -> bool {
         matches!(
             self,
@@ -113,6 +122,7 @@ impl Command {
                 | Command::Stats(_)
                 | Command::Export(_)
                 | Command::Verify(_)
+                | Command::Doctor(_)
                 | Command::Show { .. }
                 | Command::Mask { .. }
         )
@@ -150,6 +160,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Stats(args) => with_store(&config, |store| read::run_stats(store, args)).await,
         Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
         Command::Verify(args) => with_store(&config, |store| verify::run_verify(store, args)).await,
+        Command::Doctor(args) => with_store(&config, |store| doctor::run_doctor(store, &config.spool, args)).await,
         Command::Mask { file, pii } => mask_test(&file, pii, &config.masking),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
@@ -166,6 +177,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Outage(args)) => crate::bench::run_outage(&config, args).await,
         Command::Bench(BenchCommand::Query(args)) => crate::bench::run_query(&config, args).await,
         Command::Bench(BenchCommand::Mask(args)) => crate::bench::run_mask(args),
+        Command::Bench(BenchCommand::Storage(args)) => crate::bench::run_storage(&config, args).await,
     }
 }
 

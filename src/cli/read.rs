@@ -178,7 +178,7 @@ pub async fn run_query(store: Arc<dyn Store>, args: QueryArgs) -> anyhow::Result
 }
 
 /// A table sized to the terminal (or 160 columns when not on one).
-fn table(header: &[&str]) -> Table {
+pub(super) fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
     if !std::io::stdout().is_terminal() {

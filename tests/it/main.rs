@@ -7,6 +7,7 @@ mod common;
 
 mod chain;
 mod cli;
+mod doctor;
 mod export;
 mod fault;
 mod ingest_http;
