@@ -2,10 +2,11 @@
 //! `COPY` baseline measured in the same run, queued and durable acknowledgements) and
 //! `bench outage` (a backlog arriving while the database is down, then its drain) and
 //! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale),
-//! `bench mask` (masking throughput).
+//! `bench mask` (masking throughput), `bench storage` (bytes per interaction at rest and
+//! in the Parquet archive).
 //! Each prints a table, then one machine-readable last line.
 //!
-//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`mask`](mod@mask), [`workload`] (the standard
+//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`storage`], [`mask`](mod@mask), [`workload`] (the standard
 //! workload of SPEC.md).
 
 use std::time::Duration;
@@ -17,12 +18,14 @@ pub mod ingest;
 pub mod mask;
 pub mod outage;
 pub mod query;
+pub mod storage;
 pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
 pub use mask::{run_mask, MaskBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
 pub use query::{run_query, QueryBenchArgs};
+pub use storage::{run_storage, StorageBenchArgs};
 pub use workload::{payload_bytes, Workload};
 
 /// What one phase measured.

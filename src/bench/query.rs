@@ -91,7 +91,7 @@ pub async fn run_query(config: &Config, args: QueryBenchArgs) -> anyhow::Result<
         for (name, _) in &indexes {
             conn.execute(format!("DROP INDEX {name}").as_str()).await?;
         }
-        load(store.clone(), &args, end).await?;
+        load(store.clone(), args.records, args.days, args.seed, end).await?;
         let loaded = started.elapsed().as_secs_f64();
         conn.execute("SET maintenance_work_mem = '1GB'").await?;
         for (name, definition) in &indexes {
@@ -210,16 +210,21 @@ async fn newest(url: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
 
 /// Writes the workload through the store (the same batch statements the pipeline uses),
 /// two writers at a time, `created_at` spread evenly over the days before `end`.
-async fn load(store: Arc<dyn Store>, args: &QueryBenchArgs, end: DateTime<Utc>) -> anyhow::Result<()> {
+pub(super) async fn load(
+    store: Arc<dyn Store>,
+    records: u64,
+    days: u32,
+    seed: u64,
+    end: DateTime<Utc>,
+) -> anyhow::Result<()> {
     const BATCH: u64 = 1_000;
     const WRITERS: u64 = 2;
-    let span_us = i64::from(args.days) * 86_400_000_000;
-    let step_us = (span_us / args.records.max(1) as i64).max(1);
+    let span_us = i64::from(days) * 86_400_000_000;
+    let step_us = (span_us / records.max(1) as i64).max(1);
     let start = end - chrono::Duration::microseconds(span_us);
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let store = store.clone();
-        let (records, seed) = (args.records, args.seed);
         writers.push(tokio::spawn(async move {
             let mut workload = Workload::new(seed + w);
             let mut first = w * BATCH;
