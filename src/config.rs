@@ -333,21 +333,66 @@ impl Default for AsyncConfig {
     }
 }
 
-/// `audit.retention`: the seed's keys (applied by the retention command).
+/// `audit.retention`: the seed's keys (`days`, `auto_cleanup`, `cleanup_time`) and where
+/// and how expired days go (`archive_dir`, `time_zone`, `batch_size`). Applied by
+/// `retention run` and, with `auto_cleanup`, by `serve` once a day.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// Days to keep records; 0 keeps them forever.
     pub days: u32,
-    /// Delete expired records automatically.
+    /// Delete expired records automatically (`serve` runs retention daily).
     pub auto_cleanup: bool,
-    /// Local time of day (`HH:MM`) for the automatic clean-up.
+    /// Time of day (`HH:MM`) for the automatic clean-up, in `time_zone`.
     pub cleanup_time: String,
+    /// IANA zone of `cleanup_time` (`Europe/Berlin`, `Asia/Shanghai`); absent: the
+    /// machine's local time.
+    pub time_zone: Option<String>,
+    /// When set, each expiring day is written to `interactions-YYYY-MM-DD.parquet` here
+    /// and read back before it is deleted.
+    pub archive_dir: Option<PathBuf>,
+    /// Interactions deleted per statement (each its own short transaction), so ingest
+    /// is never blocked for long.
+    pub batch_size: u32,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { days: 90, auto_cleanup: false, cleanup_time: "03:00".into() }
+        RetentionConfig {
+            days: 90,
+            auto_cleanup: false,
+            cleanup_time: "03:00".into(),
+            time_zone: None,
+            archive_dir: None,
+            batch_size: 5000,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// `cleanup_time` as a time of day (validated at load).
+    pub fn cleanup_time_of_day(&self) -> Result<chrono::NaiveTime, ConfigError> {
+        let t = &self.cleanup_time;
+        t.split_once(':')
+            .and_then(|(h, m)| Some((h.parse::<u32>().ok()?, m.parse::<u32>().ok()?)))
+            .filter(|_| t.len() == 5)
+            .and_then(|(h, m)| chrono::NaiveTime::from_hms_opt(h, m, 0))
+            .ok_or_else(|| {
+                invalid("audit.retention.cleanup_time".into(), format!("`{t}` is not a time of day as HH:MM"))
+            })
+    }
+
+    /// `time_zone` parsed (validated at load); `None`: the machine's local time.
+    pub fn zone(&self) -> Result<Option<chrono_tz::Tz>, ConfigError> {
+        match &self.time_zone {
+            None => Ok(None),
+            Some(name) => name.parse::<chrono_tz::Tz>().map(Some).map_err(|_| {
+                invalid(
+                    "audit.retention.time_zone".into(),
+                    format!("`{name}` is not an IANA time zone name (such as `Europe/Berlin` or `UTC`)"),
+                )
+            }),
+        }
     }
 }
 
@@ -620,18 +665,9 @@ impl Config {
         }
         self.validate_masking()?;
         self.validate_auth()?;
-        let t = &self.retention.cleanup_time;
-        let valid_time = t
-            .split_once(':')
-            .and_then(|(h, m)| Some((h.parse::<u8>().ok()?, m.parse::<u8>().ok()?)))
-            .is_some_and(|(h, m)| h < 24 && m < 60 && t.len() == 5);
-        if !valid_time {
-            return Err(ConfigError::Key {
-                key: "audit.retention.cleanup_time".into(),
-                origin: String::new(),
-                message: format!("`{t}` is not a time of day as HH:MM"),
-            });
-        }
+        self.retention.cleanup_time_of_day()?;
+        self.retention.zone()?;
+        positive("retention.batch_size", u64::from(self.retention.batch_size))?;
         self.database.resolved_url().map(|_| ())
     }
 
@@ -784,6 +820,8 @@ fn is_text_key(key: &str) -> bool {
             | "audit.database.dbname"
             | "audit.database.sslmode"
             | "audit.retention.cleanup_time"
+            | "audit.retention.time_zone"
+            | "audit.retention.archive_dir"
     )
 }
 
@@ -970,6 +1008,26 @@ audit:
         assert!(err.contains("audit.async.batch_size") && err.contains("AUDIT_ASYNC_BATCH_SIZE"), "{err}");
         let err = load("audit:\n  retention:\n    cleanup_time: '25:00'\n", &[]).unwrap_err().to_string();
         assert!(err.contains("audit.retention.cleanup_time"), "{err}");
+    }
+
+    #[test]
+    fn retention_zone_archive_and_batch_size_are_read_and_checked() {
+        let c = load(
+            "audit:\n  retention:\n    time_zone: Asia/Shanghai\n    archive_dir: /var/archive\n    batch_size: 100\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.retention.zone().unwrap(), Some(chrono_tz::Asia::Shanghai));
+        assert_eq!(c.retention.archive_dir.as_deref(), Some(Path::new("/var/archive")));
+        assert_eq!(c.retention.batch_size, 100);
+        assert_eq!(
+            load("", &[("AUDIT_RETENTION_TIME_ZONE", "UTC")]).unwrap().retention.zone().unwrap(),
+            Some(chrono_tz::UTC)
+        );
+        let err = load("audit:\n  retention:\n    time_zone: Mars/Olympus\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("audit.retention.time_zone") && err.contains("Mars/Olympus"), "{err}");
+        let err = load("audit:\n  retention:\n    batch_size: 0\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("audit.retention.batch_size"), "{err}");
     }
 
     #[test]
