@@ -273,11 +273,55 @@ pub trait Store: BatchSink {
     /// streamed in constant memory.
     fn day_links(&self, day: NaiveDate) -> BoxStream<'static, Result<RecordLink, StoreError>>;
 
-    /// Retention's removal of a whole UTC day, in one transaction: its interactions (and
-    /// their children) and its blocks are deleted, and its chain row is kept, retired,
-    /// with its head as the anchor that later blocks (late records of the day) continue
-    /// from, so `verify` still passes. Sessions are left alone (they span days).
-    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError>;
+    /// Retention's removal of a whole UTC day: its interactions (and their children) and
+    /// its blocks are deleted, and its chain row is kept, retired, with its head as the
+    /// anchor that later blocks (late records of the day) continue from, so `verify`
+    /// still passes. Sessions are left alone (they span days).
+    ///
+    /// Never one long transaction: the interactions go `batch_size` at a time, each
+    /// batch its own short transaction ([`delete_day_batch`](Store::delete_day_batch)),
+    /// so concurrent ingest waits for one batch at most; then
+    /// [`retire_day`](Store::retire_day) closes the day in a last short one.
+    ///
+    /// # Interrupted
+    /// Stopped between batches (a crash, the database gone), the day has fewer records
+    /// than its blocks list: `verify` reports the day broken (a committed record
+    /// deleted) and says that its expiry started and did not finish (the chain row is
+    /// marked first by [`mark_expiring`](Store::mark_expiring)). Running retention
+    /// again finishes the day: the plan lists a day with blocks left to retire even
+    /// when none of its records are.
+    async fn expire_day(&self, day: NaiveDate, batch_size: u32) -> Result<ExpiredDay, StoreError> {
+        let batch_size = batch_size.max(1);
+        self.mark_expiring(day).await?;
+        let mut records = 0;
+        loop {
+            let deleted = self.delete_day_batch(day, batch_size).await?;
+            records += deleted;
+            if deleted < u64::from(batch_size) {
+                break;
+            }
+        }
+        let mut expired = self.retire_day(day).await?;
+        // What retire_day found left: records of the day committed during the batches.
+        expired.records += records;
+        tracing::info!(%day, records = expired.records, blocks = expired.blocks, "day expired");
+        Ok(expired)
+    }
+
+    /// First step of [`expire_day`](Store::expire_day): stamps the day's chain row (if
+    /// any) with the time its expiry started (`retired_at`, anchor unchanged), which is
+    /// how `verify` tells an interrupted expiry from a deletion.
+    async fn mark_expiring(&self, day: NaiveDate) -> Result<(), StoreError>;
+
+    /// Deletes at most `limit` interactions of a UTC day with their children (the
+    /// foreign keys cascade), in one short transaction; returns how many.
+    async fn delete_day_batch(&self, day: NaiveDate, limit: u32) -> Result<u64, StoreError>;
+
+    /// Last step of [`expire_day`](Store::expire_day), in one transaction under the day
+    /// row's lock (so no writer appends meanwhile): deletes what is left of the day's
+    /// interactions (records committed while the batches ran), deletes the day's blocks
+    /// and moves the anchor to the head. Returns what it deleted.
+    async fn retire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError>;
 
     /// Counts what `inspection` looks for (`doctor`), with up to `examples` of them.
     async fn inspect(&self, inspection: Inspection, examples: u32) -> Result<Finding, StoreError>;

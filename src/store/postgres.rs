@@ -455,7 +455,35 @@ impl Store for PostgresStore {
     }
 
     #[instrument(skip(self))]
-    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
+    async fn mark_expiring(&self, day: NaiveDate) -> Result<(), StoreError> {
+        sqlx::query("UPDATE chain_days SET retired_at = now() WHERE day = $1")
+            .bind(day)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    #[instrument(skip(self))]
+    async fn delete_day_batch(&self, day: NaiveDate, limit: u32) -> Result<u64, StoreError> {
+        // By the (created_at, id) index; the children go by ON DELETE CASCADE through
+        // their interaction_id indexes. One statement, so its own short transaction.
+        let deleted = sqlx::query(
+            "DELETE FROM interactions WHERE id IN (
+                 SELECT id FROM interactions WHERE created_at >= $1 AND created_at < $2 LIMIT $3)",
+        )
+        .bind(sql::day_start(day))
+        .bind(sql::day_end(day))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    #[instrument(skip(self))]
+    async fn retire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // The day's row first: a writer appending to this day waits for the commit and
         // then continues the chain from the anchor set here.
@@ -464,6 +492,8 @@ impl Store for PostgresStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
+        // Normally nothing is left: the batches took the day. Records of the day
+        // committed since (late arrivals) go here, before their blocks do.
         let records = sqlx::query("DELETE FROM interactions WHERE created_at >= $1 AND created_at < $2")
             .bind(sql::day_start(day))
             .bind(sql::day_end(day))
@@ -489,7 +519,6 @@ impl Store for PostgresStore {
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        tracing::info!(%day, records, blocks, "day expired");
         Ok(ExpiredDay { records, blocks })
     }
 

@@ -445,7 +445,39 @@ impl Store for SqliteStore {
     }
 
     #[instrument(skip(self))]
-    async fn expire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
+    async fn mark_expiring(&self, day: NaiveDate) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().await;
+        sqlx::query("UPDATE chain_days SET retired_at = ?2 WHERE day = ?1")
+            .bind(day.to_string())
+            .bind(format_time(&Utc::now()))
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    #[instrument(skip(self))]
+    async fn delete_day_batch(&self, day: NaiveDate, limit: u32) -> Result<u64, StoreError> {
+        // The write lock is taken per batch, so the pipeline's writers get their turn
+        // between batches. Children go by ON DELETE CASCADE (the pool turns
+        // `foreign_keys` on for every connection).
+        let _guard = self.write_lock.lock().await;
+        let deleted = sqlx::query(
+            "DELETE FROM interactions WHERE id IN (
+                 SELECT id FROM interactions WHERE created_at >= ?1 AND created_at < ?2 LIMIT ?3)",
+        )
+        .bind(format_time(&sql::day_start(day)))
+        .bind(format_time(&sql::day_end(day)))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    #[instrument(skip(self))]
+    async fn retire_day(&self, day: NaiveDate) -> Result<ExpiredDay, StoreError> {
         let _guard = self.write_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let text = day.to_string();
@@ -454,6 +486,8 @@ impl Store for SqliteStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
+        // Normally nothing is left: the batches took the day (the write lock makes
+        // this the only writer, so nothing arrives between the two).
         let records = sqlx::query("DELETE FROM interactions WHERE created_at >= ?1 AND created_at < ?2")
             .bind(format_time(&sql::day_start(day)))
             .bind(format_time(&sql::day_end(day)))
@@ -480,7 +514,6 @@ impl Store for SqliteStore {
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        tracing::info!(%day, records, blocks, "day expired");
         Ok(ExpiredDay { records, blocks })
     }
 

@@ -291,7 +291,7 @@ async fn a_removed_last_block_is_caught(db: &TestDb) {
 
 async fn an_expired_day_still_verifies(db: &TestDb) {
     let log = write_log(db).await;
-    let expired = log.store.expire_day(day(DAYS[0])).await.expect("expire the oldest day");
+    let expired = log.store.expire_day(day(DAYS[0]), 4).await.expect("expire the oldest day");
     assert_eq!((expired.records, expired.blocks), (15, 2));
     let report = verify_all(&*log.store).await;
     assert!(report.is_ok(), "{report:#?}");
