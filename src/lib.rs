@@ -6,8 +6,9 @@
 //! encoded by [`export`].
 //!
 //! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] → [`ingest`],
-//! [`query`] and [`export`] → [`pipeline`] → [`store`] → [`model`] and [`config`].
-//! [`doctor`] sits above [`pipeline`] (it reads the spool's files) and [`store`].
+//! [`query`], [`retention`] and [`export`] → [`pipeline`] → [`store`] → [`model`] and
+//! [`config`] ([`retention`] uses [`export`]'s Parquet encoder beside it). [`doctor`]
+//! sits above [`pipeline`] (it reads the spool's files) and [`store`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,4 +23,5 @@ pub mod mask;
 pub mod model;
 pub mod pipeline;
 pub mod query;
+pub mod retention;
 pub mod store;

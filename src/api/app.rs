@@ -8,6 +8,10 @@
 //! `migrate`, retrying with backoff, and only then lets the writers at the database.
 //! Until then records are acknowledged into the spool and `/readyz` says `degraded`;
 //! without a spool the service is not ready and ingest answers `503`.
+//!
+//! With `audit.retention.auto_cleanup`, a background task runs retention daily at
+//! `cleanup_time` ([`crate::retention::spawn_scheduler`]); like the start-up task, it
+//! stops at shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +26,7 @@ use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
+use crate::retention::{spawn_scheduler, Schedule};
 use crate::store::{self, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
@@ -72,6 +77,9 @@ pub struct Application {
     state: AppState,
     /// The background task waiting for the database, when start-up did not reach it.
     startup: Option<JoinHandle<()>>,
+    /// The daily retention run (`audit.retention.auto_cleanup`).
+    retention: Option<JoinHandle<()>>,
+    /// Stops the background tasks (start-up retries, retention) at shutdown.
     stop_startup: CancellationToken,
 }
 
@@ -122,6 +130,7 @@ impl Application {
                 Some(tokio::spawn(task))
             }
         };
+        let retention = start_retention(&config, &store, &stop_startup)?;
         tracing::info!(
             address = %listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?,
             database = %redact_url(&url),
@@ -129,7 +138,7 @@ impl Application {
         );
         let state = AppState::new(logger, store, config, masker, auth);
         tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
-        Ok(Application { listener, state, startup, stop_startup })
+        Ok(Application { listener, state, startup, retention, stop_startup })
     }
 
     /// The address the server listens on (the real port when configured with port 0).
@@ -155,7 +164,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
-        let Application { listener, state, startup, stop_startup } = self;
+        let Application { listener, state, startup, retention, stop_startup } = self;
         let (logger, store) = (state.logger.clone(), state.store.clone());
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
@@ -164,6 +173,9 @@ impl Application {
         stop_startup.cancel();
         if let Some(startup) = startup {
             let _ = startup.await;
+        }
+        if let Some(retention) = retention {
+            let _ = retention.await;
         }
         let report = logger.shutdown(shutdown_timeout).await;
         store.close().await;
@@ -215,6 +227,25 @@ async fn start_pipeline(
         None => tracing::warn!("audit.masking.enabled is false: records are stored with any secrets they carry"),
     }
     Ok(builder.start())
+}
+
+/// Starts the daily retention task when `audit.retention.auto_cleanup` is on (and
+/// `days` is not 0, which keeps everything).
+fn start_retention(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    stop: &CancellationToken,
+) -> Result<Option<JoinHandle<()>>, AppError> {
+    let retention = &config.retention;
+    if !retention.auto_cleanup {
+        return Ok(None);
+    }
+    if retention.days == 0 {
+        tracing::warn!("audit.retention.auto_cleanup is on but retention.days is 0 (keep forever): no clean-up runs");
+        return Ok(None);
+    }
+    let schedule = Schedule::from_config(retention)?;
+    Ok(Some(spawn_scheduler(store.clone(), retention.clone(), schedule, stop.clone())))
 }
 
 /// What a [`prepare_database`] task came to, a task that died counting as a failure.
