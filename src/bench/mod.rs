@@ -3,11 +3,12 @@
 //! `bench outage` (a backlog arriving while the database is down, then its drain) and
 //! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale),
 //! `bench mask` (masking throughput), `bench storage` (bytes per interaction at rest and
-//! in the Parquet archive).
-//! Each prints a table, then one machine-readable last line.
+//! in the Parquet archive), `bench retention` (insert latency while a large clean-up
+//! deletes in batches). Each prints a table, then one machine-readable last line.
 //!
-//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`storage`], [`mask`](mod@mask), [`workload`] (the standard
-//! workload of SPEC.md).
+//! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`storage`],
+//! [`mask`](mod@mask), [`retention`](mod@retention), [`load`] (loading at scale, for
+//! `query`, `storage` and `retention`), [`workload`] (the standard workload of SPEC.md).
 
 use std::time::Duration;
 
@@ -15,10 +16,12 @@ use anyhow::Context;
 
 pub mod copy;
 pub mod ingest;
+pub mod load;
 pub mod mask;
 pub mod outage;
 pub mod query;
 pub mod storage;
+pub mod retention;
 pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
@@ -26,6 +29,7 @@ pub use mask::{run_mask, MaskBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
 pub use query::{run_query, QueryBenchArgs};
 pub use storage::{run_storage, StorageBenchArgs};
+pub use retention::{run_retention, RetentionBenchArgs};
 pub use workload::{payload_bytes, Workload};
 
 /// What one phase measured.

@@ -16,9 +16,8 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor};
+use sqlx::Connection;
 
-use super::Workload;
 use crate::config::Config;
 use crate::export::{self, Format};
 use crate::model::Status;
@@ -74,38 +73,15 @@ pub async fn run_query(config: &Config, args: QueryBenchArgs) -> anyhow::Result<
     } else if existing > 0 {
         bail!("the database already holds {existing} interactions: use a fresh database, or --reuse with at least --records");
     } else {
-        let started = Instant::now();
-        // The secondary indexes are built once after the load, not row by row: this
-        // benchmark measures reads, and a million trigram-indexed rows inserted one
-        // batch at a time would take most of its run. The definitions are read back
-        // from the catalogue, so the rebuilt indexes are exactly the migrations'.
-        let mut conn = PgConnection::connect(&url).await?;
-        let indexes: Vec<(String, String)> = sqlx::query_as(
-            "SELECT i.indexname, i.indexdef FROM pg_indexes i
-             WHERE i.schemaname = current_schema()
-               AND i.tablename IN ('interactions', 'sessions', 'thoughts', 'tool_calls', 'performance_metrics')
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)",
-        )
-        .fetch_all(&mut conn)
-        .await?;
-        for (name, _) in &indexes {
-            conn.execute(format!("DROP INDEX {name}").as_str()).await?;
-        }
-        load(store.clone(), args.records, args.days, args.seed, end).await?;
-        let loaded = started.elapsed().as_secs_f64();
-        conn.execute("SET maintenance_work_mem = '1GB'").await?;
-        for (name, definition) in &indexes {
-            tracing::info!(index = %name, "building");
-            conn.execute(definition.as_str()).await.with_context(|| format!("rebuilding {name}"))?;
-        }
-        conn.execute("VACUUM ANALYZE").await.context("analysing after the load")?;
-        conn.close().await?;
-        let secs = started.elapsed().as_secs_f64();
+        let loaded =
+            super::load::load_indexed_after(&url, store.clone(), args.records, args.days, args.seed, end).await?;
         writeln!(
             out,
-            "loaded in {secs:.0} s ({loaded:.0} s writing, {:.0} s building {} indexes)",
-            secs - loaded,
-            indexes.len()
+            "loaded in {:.0} s ({:.0} s writing, {:.0} s building {} indexes)",
+            loaded.total.as_secs_f64(),
+            loaded.writing.as_secs_f64(),
+            (loaded.total - loaded.writing).as_secs_f64(),
+            loaded.indexes
         )?;
         end
     };
@@ -206,50 +182,6 @@ async fn newest(url: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
         sqlx::query_scalar("SELECT max(created_at) FROM interactions").fetch_one(&mut conn).await?;
     conn.close().await?;
     Ok(newest)
-}
-
-/// Writes the workload through the store (the same batch statements the pipeline uses),
-/// two writers at a time, `created_at` spread evenly over the days before `end`.
-pub(super) async fn load(
-    store: Arc<dyn Store>,
-    records: u64,
-    days: u32,
-    seed: u64,
-    end: DateTime<Utc>,
-) -> anyhow::Result<()> {
-    const BATCH: u64 = 1_000;
-    const WRITERS: u64 = 2;
-    let span_us = i64::from(days) * 86_400_000_000;
-    let step_us = (span_us / records.max(1) as i64).max(1);
-    let start = end - chrono::Duration::microseconds(span_us);
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let store = store.clone();
-        writers.push(tokio::spawn(async move {
-            let mut workload = Workload::new(seed + w);
-            let mut first = w * BATCH;
-            while first < records {
-                let last = (first + BATCH).min(records);
-                let batch: Vec<_> = (first..last)
-                    .map(|i| {
-                        let mut r = workload.record(i);
-                        r.created_at = start + chrono::Duration::microseconds(step_us * i as i64);
-                        r
-                    })
-                    .collect();
-                store.write_batch(&batch).await?;
-                if w == 0 && (first / BATCH).is_multiple_of(100) {
-                    tracing::info!(written = first, of = records, "loading");
-                }
-                first += BATCH * WRITERS;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for w in writers {
-        w.await.context("a loader task panicked")??;
-    }
-    Ok(())
 }
 
 /// One list query's measurements.

@@ -120,7 +120,7 @@ pub async fn run_storage(config: &Config, args: StorageBenchArgs) -> anyhow::Res
         conn.execute(format!("DROP INDEX {name}").as_str()).await?;
     }
     let end = Utc::now().duration_trunc(chrono::Duration::seconds(1))?;
-    super::query::load(store.clone(), args.records, args.days, args.seed, end).await?;
+    super::load::load(store.clone(), args.records, args.days, args.seed, end).await?;
     let loaded = started.elapsed().as_secs_f64();
     conn.execute("SET maintenance_work_mem = '1GB'").await?;
     for (name, definition) in &indexes {

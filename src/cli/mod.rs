@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `verify`,
-//! `doctor`, `bench`.
+//! `doctor`, `retention run`, `bench`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -16,10 +16,12 @@ use crate::store::{self, Store};
 
 mod doctor;
 mod read;
+mod retention;
 mod verify;
 
 pub use doctor::{DoctorArgs, DoctorFormat};
 pub use read::{ExportArgs, FilterArgs, ListFormat, QueryArgs, StatsArgs, StatsFormat};
+pub use retention::{RetentionCommand, RetentionRunArgs};
 pub use verify::VerifyArgs;
 
 /// The audit log for LLM operations agents.
@@ -71,6 +73,10 @@ pub enum Command {
     /// chain, migrations, unreadable spool files, disk space); `--repair` fixes what is
     /// safe. Exit status 1 when a check fails.
     Doctor(DoctorArgs),
+    /// Retention: delete (and archive, when configured) the days older than
+    /// `audit.retention.days`.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
     /// Print one interaction as JSON.
     Show {
         /// The interaction's id.
@@ -110,6 +116,9 @@ pub enum BenchCommand {
     /// Bytes per interaction at rest (PostgreSQL, with and without indexes) and in the
     /// Parquet archive.
     Storage(crate::bench::StorageBenchArgs),
+    /// Retention at scale (PostgreSQL): a batched cleanup of the oldest half of the
+    /// data while a producer inserts, with its insert latency against a baseline.
+    Retention(crate::bench::RetentionBenchArgs),
 }
 
 impl Command {
@@ -123,6 +132,7 @@ impl Command {
                 | Command::Export(_)
                 | Command::Verify(_)
                 | Command::Doctor(_)
+                | Command::Retention(_)
                 | Command::Show { .. }
                 | Command::Mask { .. }
         )
@@ -161,6 +171,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Export(args) => with_store(&config, |store| read::run_export(store, args)).await,
         Command::Verify(args) => with_store(&config, |store| verify::run_verify(store, args)).await,
         Command::Doctor(args) => with_store(&config, |store| doctor::run_doctor(store, &config.spool, args)).await,
+        Command::Retention(RetentionCommand::Run(args)) => {
+            with_store(&config, |store| retention::run_retention(store, &config, args)).await
+        }
         Command::Mask { file, pii } => mask_test(&file, pii, &config.masking),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
@@ -178,6 +191,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Query(args)) => crate::bench::run_query(&config, args).await,
         Command::Bench(BenchCommand::Mask(args)) => crate::bench::run_mask(args),
         Command::Bench(BenchCommand::Storage(args)) => crate::bench::run_storage(&config, args).await,
+        Command::Bench(BenchCommand::Retention(args)) => crate::bench::run_retention(&config, args).await,
     }
 }
 

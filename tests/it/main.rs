@@ -16,6 +16,7 @@ mod metrics;
 mod pg_cluster;
 mod pipeline;
 mod query;
+mod retention;
 mod security;
 mod spool;
 mod spool_props;
