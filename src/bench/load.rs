@@ -68,7 +68,7 @@ pub async fn load_indexed_after(
     Ok(Loaded { total: started.elapsed(), writing, indexes: indexes.len() })
 }
 
-/// Writes the workload through the store, [`WRITERS`] writers at a time, `created_at`
+/// Writes the workload through the store, two writers at a time, `created_at`
 /// spread evenly over the `days` days before `end`.
 pub async fn load(store: Arc<dyn Store>, records: u64, days: u32, seed: u64, end: DateTime<Utc>) -> anyhow::Result<()> {
     let span_us = i64::from(days) * 86_400_000_000;
