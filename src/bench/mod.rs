@@ -20,16 +20,16 @@ pub mod load;
 pub mod mask;
 pub mod outage;
 pub mod query;
-pub mod storage;
 pub mod retention;
+pub mod storage;
 pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
 pub use mask::{run_mask, MaskBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
 pub use query::{run_query, QueryBenchArgs};
-pub use storage::{run_storage, StorageBenchArgs};
 pub use retention::{run_retention, RetentionBenchArgs};
+pub use storage::{run_storage, StorageBenchArgs};
 pub use workload::{payload_bytes, Workload};
 
 /// What one phase measured.
