@@ -107,27 +107,9 @@ pub async fn run_storage(config: &Config, args: StorageBenchArgs) -> anyhow::Res
             conn.execute(*statement).await.with_context(|| format!("running {statement}"))?;
         }
     }
-    let started = Instant::now();
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT i.indexname, i.indexdef FROM pg_indexes i
-         WHERE i.schemaname = current_schema()
-           AND i.tablename IN ('interactions', 'sessions', 'thoughts', 'tool_calls', 'performance_metrics')
-           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)",
-    )
-    .fetch_all(&mut conn)
-    .await?;
-    for (name, _) in &indexes {
-        conn.execute(format!("DROP INDEX {name}").as_str()).await?;
-    }
     let end = Utc::now().duration_trunc(chrono::Duration::seconds(1))?;
-    super::load::load(store.clone(), args.records, args.days, args.seed, end).await?;
-    let loaded = started.elapsed().as_secs_f64();
-    conn.execute("SET maintenance_work_mem = '1GB'").await?;
-    for (name, definition) in &indexes {
-        conn.execute(definition.as_str()).await.with_context(|| format!("rebuilding {name}"))?;
-    }
-    conn.execute("VACUUM ANALYZE").await.context("analysing after the load")?;
-    writeln!(out, "loaded in {:.0} s ({loaded:.0} s writing)", started.elapsed().as_secs_f64())?;
+    let loaded = super::load::load_indexed_after(&url, store.clone(), args.records, args.days, args.seed, end).await?;
+    writeln!(out, "loaded in {:.0} s ({:.0} s writing)", loaded.total.as_secs_f64(), loaded.writing.as_secs_f64())?;
 
     let mut sizes = Vec::new();
     for &name in AUDIT_TABLES {
