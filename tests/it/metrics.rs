@@ -6,10 +6,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use prometheus_parse::{Scrape, Value};
 use serde_json::json;
 
-use crate::common::{fast_config, spawn_app_with, TestApp, TestDb};
+use crate::common::{fast_config, scrape_metrics, spawn_app_with, TestApp, TestDb};
 
 both_backends! {
     counters_add_up_during_and_after_a_load,
@@ -18,32 +17,9 @@ both_backends! {
 const REQUESTS: usize = 40;
 const RECORDS_PER_REQUEST: usize = 25;
 
-/// The scraped samples: metric name (with its labels sorted, `name{a="x"}`) → value.
-fn scrape(text: &str) -> HashMap<String, f64> {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let parsed = Scrape::parse(lines).unwrap_or_else(|e| panic!("not valid exposition text: {e}\n{text}"));
-    let mut out = HashMap::new();
-    for sample in parsed.samples {
-        let mut labels: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        labels.sort();
-        let key = if labels.is_empty() {
-            sample.metric.clone()
-        } else {
-            format!("{}{{{}}}", sample.metric, labels.join(","))
-        };
-        let value = match sample.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
-            Value::Summary(_) => continue,
-        };
-        out.insert(key, value);
-    }
-    out
-}
-
 async fn metrics(app: &TestApp) -> (String, HashMap<String, f64>) {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let samples = scrape(&text);
+    let samples = scrape_metrics(&text);
     (text, samples)
 }
 
@@ -66,13 +42,7 @@ fn ledger(m: &HashMap<String, f64>) -> (f64, f64, f64) {
 
 async fn counters_add_up_during_and_after_a_load(db: &TestDb) {
     let app = spawn_app_with(db, fast_config()).await;
-    db.execute(if db.is_sqlite() {
-        "CREATE TRIGGER refuse_marked BEFORE INSERT ON interactions WHEN NEW.question LIKE '%REFUSE-ME%' \
-         BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
-    } else {
-        "ALTER TABLE interactions ADD CONSTRAINT refuse_marked CHECK (question NOT LIKE '%REFUSE-ME%')"
-    })
-    .await;
+    db.refuse_marked_questions().await;
 
     // The load: REQUESTS concurrent posts; the first is sent twice (duplicates), one
     // record is refused by the database (a dead letter).

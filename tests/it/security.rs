@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::common::{fast_config, free_port, spawn_app_with, wait_for_count, TestApp, TestDb};
+use crate::common::{fast_config, free_port, scrape_metrics, spawn_app_with, wait_for_count, TestApp, TestDb};
 
 both_backends! {
     every_text_field_is_masked_before_it_is_stored,
@@ -99,8 +99,9 @@ async fn every_text_field_is_masked_before_it_is_stored(db: &TestDb) {
 
     // Each rule's hits are counted in /metrics.
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let masked = metric_values(&metrics, "opsagent_audit_masked_total");
-    assert!(masked["rule=\"openai_key\""] >= 1.0 && masked["rule=\"k8s_secret\""] >= 1.0, "{masked:?}");
+    let m = scrape_metrics(&metrics);
+    let masked = |rule: &str| m[&format!("opsagent_audit_masked_total{{rule=\"{rule}\"}}")];
+    assert!(masked("openai_key") >= 1.0 && masked("k8s_secret") >= 1.0, "{metrics}");
     app.stop().await;
 }
 
@@ -169,13 +170,7 @@ async fn dead_letters_hold_the_masked_record(db: &TestDb) {
     let app = spawn_app_with(db, fast_config()).await;
     // A rule of the database (not of the service) refuses this record: it becomes a
     // dead letter, which must hold the masked record, never the original.
-    db.execute(if db.is_sqlite() {
-        "CREATE TRIGGER refuse_marked BEFORE INSERT ON interactions WHEN NEW.question LIKE '%REFUSE-ME%' \
-         BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
-    } else {
-        "ALTER TABLE interactions ADD CONSTRAINT refuse_marked CHECK (question NOT LIKE '%REFUSE-ME%')"
-    })
-    .await;
+    db.refuse_marked_questions().await;
     let body = json!({"question": format!("REFUSE-ME {OPENAI}"), "error": format!("token {SLACK}")});
     app.client.post(app.url("/api/v1/interactions")).json(&body).send().await.unwrap().error_for_status().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -341,11 +336,12 @@ async fn each_role_reaches_exactly_its_endpoints(db: &TestDb) {
     // The refusals were counted by reason.
     let metrics =
         app.client.get(app.url("/metrics")).bearer_auth(READ_TOKEN).send().await.unwrap().text().await.unwrap();
-    let failures = metric_values(&metrics, "opsagent_audit_auth_failures_total");
-    assert_eq!(failures["reason=\"missing\""], 9.0, "{failures:?}");
-    assert_eq!(failures["reason=\"invalid\""], 9.0, "{failures:?}");
+    let m = scrape_metrics(&metrics);
+    let failures = |reason: &str| m[&format!("opsagent_audit_auth_failures_total{{reason=\"{reason}\"}}")];
+    assert_eq!(failures("missing"), 9.0, "{metrics}");
+    assert_eq!(failures("invalid"), 9.0, "{metrics}");
     // ingest is refused 8 read/admin endpoints; read is refused ingest and dead letters.
-    assert_eq!(failures["reason=\"forbidden\""], 8.0 + 2.0, "{failures:?} {table:?}");
+    assert_eq!(failures("forbidden"), 8.0 + 2.0, "{metrics} {table:?}");
     app.stop().await;
 }
 
@@ -426,8 +422,8 @@ async fn a_token_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(other.status(), StatusCode::OK);
     let metrics =
         app.client.get(app.url("/metrics")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().text().await.unwrap();
-    let limited = metric_values(&metrics, "opsagent_audit_rate_limited_requests_total");
-    assert_eq!(limited["token=\"auditor\""], refused as f64, "{limited:?}");
+    let limited = scrape_metrics(&metrics)["opsagent_audit_rate_limited_requests_total{token=\"auditor\"}"];
+    assert_eq!(limited, refused as f64, "{metrics}");
     app.stop().await;
 }
 
@@ -445,16 +441,4 @@ fn masking_leaves_non_text_fields_alone() {
         (Status::Timeout, Some(504), Some("gpt-4o"))
     );
     assert_eq!(record.question, "key [MASKED:openai_key]");
-}
-
-/// `name{labels} value` lines of one metric, by their label text.
-fn metric_values(text: &str, name: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let labels = series.strip_prefix(name)?.trim_start_matches('{').trim_end_matches('}').to_owned();
-            Some((labels, value.parse().ok()?))
-        })
-        .collect()
 }

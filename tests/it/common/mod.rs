@@ -12,6 +12,7 @@ pub mod pg_cluster;
 pub mod server;
 pub mod spool;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +126,20 @@ impl TestDb {
         }
     }
 
+    /// Makes the database itself refuse any interaction whose question contains
+    /// `REFUSE-ME` (a constraint violation, as bad data would be): the service must
+    /// dead-letter it. A CHECK on PostgreSQL; SQLite cannot add one to a table, so a
+    /// trigger raising ABORT (also a constraint error).
+    pub async fn refuse_marked_questions(&self) {
+        self.execute(if self.is_sqlite() {
+            "CREATE TRIGGER refuse_marked BEFORE INSERT ON interactions WHEN NEW.question LIKE '%REFUSE-ME%' \
+             BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+        } else {
+            "ALTER TABLE interactions ADD CONSTRAINT refuse_marked CHECK (question NOT LIKE '%REFUSE-ME%')"
+        })
+        .await;
+    }
+
     /// Opens and migrates the store.
     pub async fn store(&self) -> Arc<dyn Store> {
         let store = store::connect(&self.url, &Config::default().database).await.expect("open store");
@@ -235,6 +250,32 @@ pub async fn spawn_router(store: Arc<dyn Store>, logger: AuditLogger, config: Co
         Some(shutdown_logger.shutdown(Duration::from_secs(30)).await)
     });
     TestApp { address, logger, store, client: reqwest::Client::new(), stop, server, _spool_dir: None }
+}
+
+/// The samples of a `/metrics` text, which must parse as Prometheus exposition format: metric name (with its labels sorted, `name{a="x"}`) → value.
+pub fn scrape_metrics(text: &str) -> HashMap<String, f64> {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let parsed =
+        prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("not valid exposition text: {e}\n{text}"));
+    let mut out = HashMap::new();
+    for sample in parsed.samples {
+        let mut labels: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        labels.sort();
+        let key = if labels.is_empty() {
+            sample.metric.clone()
+        } else {
+            format!("{}{{{}}}", sample.metric, labels.join(","))
+        };
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        out.insert(key, value);
+    }
+    out
 }
 
 /// Starts the server with test-friendly pipeline settings (short batch interval).
