@@ -100,6 +100,33 @@ pub struct ToolCall {
     pub error: Option<String>,
 }
 
+impl Thought {
+    /// A thought with the given text; its `sequence_number` (0 = not given) is set
+    /// from its position when the record enters the pipeline.
+    pub fn new(content: impl Into<String>) -> Self {
+        Thought { content: content.into(), sequence_number: 0 }
+    }
+}
+
+impl ToolCall {
+    /// A call of `tool_name` with `tool_input` and nothing else set; its
+    /// `sequence_number` (0) is set from its position when the record enters the
+    /// pipeline. Capture code builds
+    /// tool calls through this (and sets fields after), so a field added to the record
+    /// later does not break every place that makes one.
+    pub fn new(tool_name: impl Into<String>, tool_input: impl Into<String>) -> Self {
+        ToolCall {
+            tool_name: tool_name.into(),
+            tool_input: tool_input.into(),
+            tool_observation: None,
+            sequence_number: 0,
+            duration_ms: None,
+            thought_sequence_number: None,
+            error: None,
+        }
+    }
+}
+
 /// One audited interaction: a question, how the agent worked on it, and its answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Interaction {
@@ -189,7 +216,8 @@ impl Interaction {
 
     /// Makes the record storable whatever it holds: NUL bytes become U+FFFD and every text
     /// field longer than `max_field_bytes` is cut at a character boundary with a marker
-    /// saying how much was removed. Returns how many fields were changed.
+    /// saying how much was removed; thoughts and tool calls left at position 0 are
+    /// numbered in order. Returns how many text fields were changed.
     pub fn sanitize(&mut self, max_field_bytes: usize) -> usize {
         let mut changed = 0;
         let mut fix = |s: &mut String| changed += usize::from(sanitize_text(s, max_field_bytes));
@@ -211,10 +239,18 @@ impl Interaction {
         ) {
             fix(s);
         }
-        for t in &mut self.thoughts {
+        // Capture code that builds records with `Thought::new`/`ToolCall::new` leaves
+        // positions at 0: the order they were pushed in is their order.
+        for (position, t) in (1..).zip(&mut self.thoughts) {
+            if t.sequence_number == 0 {
+                t.sequence_number = position;
+            }
             fix(&mut t.content);
         }
-        for c in &mut self.tool_calls {
+        for (position, c) in (1..).zip(&mut self.tool_calls) {
+            if c.sequence_number == 0 {
+                c.sequence_number = position;
+            }
             fix(&mut c.tool_name);
             fix(&mut c.tool_input);
             if let Some(o) = &mut c.tool_observation {
