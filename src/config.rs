@@ -97,6 +97,12 @@ pub struct Config {
     pub masking: MaskingConfig,
     /// API tokens and their roles.
     pub auth: AuthConfig,
+    /// Risk classification of tool calls at ingest.
+    pub risk: RiskConfig,
+    /// Background detection of unusual behaviour.
+    pub anomalies: AnomaliesConfig,
+    /// Where detected anomalies are sent.
+    pub alerts: AlertsConfig,
 }
 
 impl Default for Config {
@@ -111,6 +117,9 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             masking: MaskingConfig::default(),
             auth: AuthConfig::default(),
+            risk: RiskConfig::default(),
+            anomalies: AnomaliesConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -515,6 +524,95 @@ pub struct CustomRule {
     pub replacement: Option<String>,
 }
 
+/// `audit.risk`: how tool calls are classified at ingest (after masking, before the
+/// queue), by the built-in rules, then `rules`, with `overrides` changing any rule's level.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskConfig {
+    /// Classify every tool call (on by default). Off, the levels a producer sends are
+    /// stored as they are (absent: `none`).
+    pub enabled: bool,
+    /// Rules of your own, checked after the built-in ones; the highest level wins.
+    pub rules: Vec<RiskRuleConfig>,
+    /// A level for any rule by name, built-in or custom (`kubectl_exec: medium`).
+    pub overrides: BTreeMap<String, crate::model::RiskLevel>,
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        RiskConfig { enabled: true, rules: Vec::new(), overrides: BTreeMap::new() }
+    }
+}
+
+/// A risk rule from configuration: a tool call whose tool name matches `tool` (any tool
+/// when absent) and whose input matches `pattern` gets `level`, named `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskRuleConfig {
+    /// Rule name stored in `risk_rule`: lowercase letters, digits and `_`.
+    pub name: String,
+    /// The level it gives.
+    pub level: crate::model::RiskLevel,
+    /// Regex on the tool name (Rust `regex` syntax); absent: every tool.
+    #[serde(default)]
+    pub tool: Option<String>,
+    /// Regex on the tool input (after masking).
+    pub pattern: String,
+}
+
+/// `audit.anomalies`: the background job of `serve` that compares each hour with its own
+/// recent past, per model, user, cluster and tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomaliesConfig {
+    /// Run the detection job in `serve`.
+    pub enabled: bool,
+    /// How often the job runs (`1h`); each run looks at the hours completed since.
+    #[serde(with = "humantime_serde_req")]
+    pub interval: Duration,
+    /// Days of history each hour is compared with.
+    pub baseline_days: u32,
+    /// Fewest requests an hour needs before its rates count, and fewest hours of
+    /// baseline before a series is scored, so one request is never a spike.
+    pub min_volume: u32,
+    /// Robust z-score (distance from the baseline median in scaled MADs) above which
+    /// an hour is reported.
+    pub threshold: f64,
+}
+
+impl Default for AnomaliesConfig {
+    fn default() -> Self {
+        AnomaliesConfig {
+            enabled: true,
+            interval: Duration::from_secs(3600),
+            baseline_days: 14,
+            min_volume: 20,
+            threshold: 6.0,
+        }
+    }
+}
+
+/// `audit.alerts`: where anomalies are POSTed (generic JSON), if anywhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// The webhook URL (`http://…`); absent: anomalies are only stored and counted.
+    pub webhook_url: Option<String>,
+    /// Most webhook posts per minute; anomalies beyond are counted as dropped.
+    pub max_per_minute: u32,
+    /// Attempts per anomaly before it is given up (counted and logged).
+    pub max_attempts: u32,
+    /// How long one POST may take.
+    #[serde(with = "humantime_serde_req")]
+    pub timeout: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig { webhook_url: None, max_per_minute: 30, max_attempts: 8, timeout: Duration::from_secs(5) }
+    }
+}
+
 /// `audit.auth`: who may call the API. Without tokens the API is open, and `serve` then
 /// refuses to listen beyond loopback unless given `--insecure`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -664,6 +762,7 @@ impl Config {
             }
         }
         self.validate_masking()?;
+        self.validate_risk()?;
         self.validate_auth()?;
         self.retention.cleanup_time_of_day()?;
         self.retention.zone()?;
@@ -689,6 +788,55 @@ impl Config {
             if let Err(e) = regex::Regex::new(&rule.regex) {
                 return Err(invalid(format!("{key}.regex"), format!("invalid pattern: {e}")));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_risk(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, rule) in self.risk.rules.iter().enumerate() {
+            let key = format!("audit.risk.rules[{i}]");
+            let invalid_name = rule.name.is_empty()
+                || !rule.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if invalid_name {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("`{}`: use lowercase letters, digits and `_`", rule.name),
+                ));
+            }
+            if !names.insert(&rule.name) {
+                return Err(invalid(format!("{key}.name"), format!("`{}` is used by another rule", rule.name)));
+            }
+            if let Err(e) = regex::Regex::new(&rule.pattern) {
+                return Err(invalid(format!("{key}.pattern"), format!("rule `{}`: invalid pattern: {e}", rule.name)));
+            }
+            if let Some(Err(e)) = rule.tool.as_deref().map(regex::Regex::new) {
+                return Err(invalid(format!("{key}.tool"), format!("rule `{}`: invalid pattern: {e}", rule.name)));
+            }
+        }
+        let anomalies = &self.anomalies;
+        if anomalies.interval.as_secs() == 0 {
+            return Err(invalid("audit.anomalies.interval".into(), "must be at least 1s".into()));
+        }
+        if anomalies.baseline_days == 0 {
+            return Err(invalid("audit.anomalies.baseline_days".into(), "must be greater than 0".into()));
+        }
+        if !(anomalies.threshold.is_finite() && anomalies.threshold > 0.0) {
+            return Err(invalid("audit.anomalies.threshold".into(), "must be a number greater than 0".into()));
+        }
+        if let Some(url) = &self.alerts.webhook_url {
+            if !url.starts_with("http://") {
+                return Err(invalid(
+                    "audit.alerts.webhook_url".into(),
+                    format!("`{url}`: only http:// URLs are supported (this build has no TLS client)"),
+                ));
+            }
+        }
+        if self.alerts.max_per_minute == 0 || self.alerts.max_attempts == 0 {
+            return Err(invalid(
+                "audit.alerts".into(),
+                "max_per_minute and max_attempts must be greater than 0".into(),
+            ));
         }
         Ok(())
     }

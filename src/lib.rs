@@ -24,4 +24,5 @@ pub mod model;
 pub mod pipeline;
 pub mod query;
 pub mod retention;
+pub mod risk;
 pub mod store;

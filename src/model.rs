@@ -57,6 +57,64 @@ impl Status {
     }
 }
 
+/// How much harm a tool call could do, from [`RiskLevel::None`] (read-only) to
+/// [`RiskLevel::Critical`] (cluster- or data-wide destruction). Ordered: a higher level
+/// compares greater, so an interaction's level is the `max` of its calls'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RiskLevel {
+    /// Read-only or harmless (`kubectl get`, `SELECT`, `--dry-run`).
+    #[default]
+    None,
+    /// Changes little or is easily undone (a label, a config context switch).
+    Low,
+    /// Changes workloads in the normal course of operations (apply, patch, scale, restart).
+    Medium,
+    /// Destroys, disrupts or exposes something (delete, drain, exec, secret reads).
+    High,
+    /// Destroys whole namespaces, disks, databases or cluster-wide sets of objects.
+    Critical,
+}
+
+impl RiskLevel {
+    /// Every level, lowest first.
+    pub const ALL: [RiskLevel; 5] =
+        [RiskLevel::None, RiskLevel::Low, RiskLevel::Medium, RiskLevel::High, RiskLevel::Critical];
+
+    /// The name stored in the `risk_level` columns and used in `min_risk=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskLevel::None => "none",
+            RiskLevel::Low => "low",
+            RiskLevel::Medium => "medium",
+            RiskLevel::High => "high",
+            RiskLevel::Critical => "critical",
+        }
+    }
+
+    /// The level's rank, 0 (none) to 4 (critical): what the database stores and compares,
+    /// so `min_risk` is one integer comparison on an indexed column.
+    pub fn rank(self) -> i16 {
+        self as i16
+    }
+
+    /// The level of a stored rank; out-of-range ranks are `None` (never written).
+    pub fn from_rank(rank: i64) -> Option<RiskLevel> {
+        RiskLevel::ALL.into_iter().find(|l| i64::from(l.rank()) == rank)
+    }
+
+    /// Parses a level name (`none`, `low`, `medium`, `high`, `critical`).
+    pub fn parse(name: &str) -> Option<RiskLevel> {
+        RiskLevel::ALL.into_iter().find(|l| l.as_str() == name)
+    }
+}
+
+impl fmt::Display for RiskLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -98,6 +156,14 @@ pub struct ToolCall {
     /// The tool's error, when it failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// How much harm the call could do, set by the risk classifier at ingest (a level
+    /// sent by a producer is overwritten when `audit.risk.enabled`).
+    #[serde(default)]
+    pub risk_level: RiskLevel,
+    /// The rule that set `risk_level` (`kubectl_delete`, `sql_drop`, …); `None` when no
+    /// rule matched.
+    #[serde(default)]
+    pub risk_rule: Option<String>,
 }
 
 impl Thought {
@@ -123,6 +189,8 @@ impl ToolCall {
             duration_ms: None,
             thought_sequence_number: None,
             error: None,
+            risk_level: RiskLevel::None,
+            risk_rule: None,
         }
     }
 }
@@ -180,6 +248,12 @@ pub struct Interaction {
     pub output_tokens: Option<i64>,
     /// Anything else, as a JSON object.
     pub attributes: serde_json::Map<String, serde_json::Value>,
+    /// The highest `risk_level` of the tool calls (roll-up set with them at ingest).
+    #[serde(default)]
+    pub risk_level: RiskLevel,
+    /// How many tool calls are above [`RiskLevel::None`].
+    #[serde(default)]
+    pub risk_flagged: i32,
 }
 
 impl Interaction {
@@ -211,14 +285,26 @@ impl Interaction {
             input_tokens: None,
             output_tokens: None,
             attributes: serde_json::Map::new(),
+            risk_level: RiskLevel::None,
+            risk_flagged: 0,
         }
+    }
+
+    /// Recomputes [`risk_level`](Interaction::risk_level) and
+    /// [`risk_flagged`](Interaction::risk_flagged) from the tool calls.
+    pub fn roll_up_risk(&mut self) {
+        self.risk_level = self.tool_calls.iter().map(|c| c.risk_level).max().unwrap_or_default();
+        self.risk_flagged = self.tool_calls.iter().filter(|c| c.risk_level > RiskLevel::None).count() as i32;
     }
 
     /// Makes the record storable whatever it holds: NUL bytes become U+FFFD and every text
     /// field longer than `max_field_bytes` is cut at a character boundary with a marker
     /// saying how much was removed; thoughts and tool calls left at position 0 are
-    /// numbered in order. Returns how many text fields were changed.
+    /// numbered in order; the risk roll-up is recomputed from the tool calls, so it
+    /// always agrees with them whoever set their levels. Returns how many text fields
+    /// were changed.
     pub fn sanitize(&mut self, max_field_bytes: usize) -> usize {
+        self.roll_up_risk();
         let mut changed = 0;
         let mut fix = |s: &mut String| changed += usize::from(sanitize_text(s, max_field_bytes));
         for s in [&mut self.question].into_iter().chain(
@@ -349,6 +435,7 @@ mod tests {
             duration_ms: None,
             thought_sequence_number: None,
             error: None,
+            ..ToolCall::new("", "")
         });
         r.attributes.insert("k\0".into(), serde_json::json!(["x\0y"]));
         assert_eq!(r.sanitize(1024), 5);

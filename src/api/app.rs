@@ -27,6 +27,7 @@ use crate::config::{redact_url, Config, ConfigError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::retention::{spawn_scheduler, Schedule};
+use crate::risk::{RiskClassifier, RiskError};
 use crate::store::{self, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
@@ -58,6 +59,9 @@ pub enum AppError {
     /// A masking rule is unusable.
     #[error(transparent)]
     Mask(#[from] MaskError),
+    /// A risk rule or override is unusable.
+    #[error(transparent)]
+    Risk(#[from] RiskError),
     /// The spool directory could not be opened.
     #[error("opening the spool")]
     Spool(#[from] SpoolError),
@@ -99,6 +103,7 @@ impl Application {
             return Err(AppError::Unprotected(listen));
         }
         let masker = Masker::from_config(&config.masking)?.map(Arc::new);
+        let risk = RiskClassifier::from_config(&config.risk)?.map(Arc::new);
         let url = config.database.resolved_url()?;
         let store = store::connect(&url, &config.database).await?;
         let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
@@ -113,7 +118,7 @@ impl Application {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
         };
-        let logger = start_pipeline(&config, store.clone(), masker.clone(), not_ready.as_ref()).await?;
+        let logger = start_pipeline(&config, store.clone(), masker.clone(), risk.clone(), not_ready.as_ref()).await?;
         let stop_startup = CancellationToken::new();
         let startup = match not_ready {
             None => {
@@ -136,7 +141,7 @@ impl Application {
             database = %redact_url(&url),
             "opsagent-audit listening"
         );
-        let state = AppState::new(logger, store, config, masker, auth);
+        let state = AppState::with_risk(logger, store, config, masker, risk, auth);
         tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
         Ok(Application { listener, state, startup, retention, stop_startup })
     }
@@ -196,12 +201,14 @@ impl Application {
 }
 
 /// Opens the spool (if configured) and starts the pipeline with masking (unless
-/// `audit.masking.enabled` is off), waiting for the database when `not_ready` says why it
+/// `audit.masking.enabled` is off) and then risk classification (unless
+/// `audit.risk.enabled` is off), waiting for the database when `not_ready` says why it
 /// is not ready.
 async fn start_pipeline(
     config: &Config,
     store: Arc<dyn Store>,
     masker: Option<Arc<Masker>>,
+    risk: Option<Arc<RiskClassifier>>,
     not_ready: Option<&String>,
 ) -> Result<AuditLogger, AppError> {
     if !config.enabled {
@@ -225,6 +232,11 @@ async fn start_pipeline(
     match masker {
         Some(masker) => builder = builder.stage(masker),
         None => tracing::warn!("audit.masking.enabled is false: records are stored with any secrets they carry"),
+    }
+    // After masking: rules see (and custom patterns match) what is stored.
+    match risk {
+        Some(risk) => builder = builder.stage(risk),
+        None => tracing::warn!("audit.risk.enabled is false: tool calls keep the risk levels their producers sent"),
     }
     Ok(builder.start())
 }

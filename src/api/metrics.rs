@@ -23,6 +23,7 @@ use super::auth::Refusal;
 use super::AppState;
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, StatsSnapshot};
+use crate::risk::RiskClassifier;
 
 /// Label of the auth failure counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +73,11 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// A registry reporting the pipeline of `logger` and the counts of `masker`.
     pub fn new(logger: AuditLogger, masker: Option<Arc<Masker>>) -> Metrics {
+        Metrics::with_risk(logger, masker, None)
+    }
+
+    /// [`Metrics::new`] also reporting the tool calls `risk` flagged.
+    pub fn with_risk(logger: AuditLogger, masker: Option<Arc<Masker>>, risk: Option<Arc<RiskClassifier>>) -> Metrics {
         let mut registry = Registry::with_prefix("opsagent_audit");
         let auth_failures = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -111,7 +117,7 @@ impl Metrics {
             stats.commit_latency.clone(),
         );
         registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
-        registry.register_collector(Box::new(PipelineCollector { logger, masker }));
+        registry.register_collector(Box::new(PipelineCollector { logger, masker, risk }));
         Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes }
     }
 
@@ -143,6 +149,7 @@ impl Metrics {
 struct PipelineCollector {
     logger: AuditLogger,
     masker: Option<Arc<Masker>>,
+    risk: Option<Arc<RiskClassifier>>,
 }
 
 impl Collector for PipelineCollector {
@@ -218,6 +225,18 @@ impl Collector for PipelineCollector {
             )?;
             for (rule, value) in masker.counts() {
                 ConstCounter::new(value).encode(family.encode_family(&[("rule", rule.as_str())])?)?;
+            }
+        }
+        if let Some(risk) = &self.risk {
+            let flagged = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "risk_flagged_tool_calls",
+                "Tool calls classified above `none` at ingest, by risk level",
+                None,
+                flagged.metric_type(),
+            )?;
+            for (level, value) in risk.counts() {
+                ConstCounter::new(value).encode(family.encode_family(&[("level", level.as_str())])?)?;
             }
         }
         Ok(())

@@ -19,6 +19,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::mask::Masker;
 use crate::pipeline::AuditLogger;
+use crate::risk::RiskClassifier;
 use crate::store::Store;
 
 mod app;
@@ -69,8 +70,20 @@ impl AppState {
         masker: Option<Arc<Masker>>,
         auth: Authenticator,
     ) -> AppState {
+        AppState::with_risk(logger, store, config, masker, None, auth)
+    }
+
+    /// [`AppState::new`] whose pipeline also classifies risk with `risk`, for its counts.
+    pub fn with_risk(
+        logger: AuditLogger,
+        store: Arc<dyn Store>,
+        config: Config,
+        masker: Option<Arc<Masker>>,
+        risk: Option<Arc<RiskClassifier>>,
+        auth: Authenticator,
+    ) -> AppState {
         AppState {
-            metrics: Arc::new(Metrics::new(logger.clone(), masker)),
+            metrics: Arc::new(Metrics::with_risk(logger.clone(), masker, risk)),
             logger,
             store,
             config: Arc::new(config),

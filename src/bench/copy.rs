@@ -80,6 +80,8 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
                     num(r.input_tokens).as_deref(),
                     num(r.output_tokens).as_deref(),
                     Some(&serde_json::Value::Object(r.attributes.clone()).to_string()),
+                    Some(&r.risk_level.rank().to_string()),
+                    Some(&r.risk_flagged.to_string()),
                 ],
             );
             for t in &r.thoughts {
@@ -101,6 +103,8 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
                         num(c.thought_sequence_number.map(i64::from)).as_deref(),
                         c.error.as_deref(),
                         Some(&at),
+                        Some(&c.risk_level.rank().to_string()),
+                        c.risk_rule.as_deref(),
                     ],
                 );
             }
@@ -110,9 +114,9 @@ async fn copy_all(conn: &mut PgConnection, args: &IngestBenchArgs) -> anyhow::Re
         }
         let statements = [
             "COPY sessions (session_id, user_id, client_ip, user_agent, created_at) FROM STDIN",
-            "COPY interactions (interaction_id, session_id, user_id, endpoint, question, model_name, provider, base_url, cluster, final_answer, status, error, http_status, created_at, total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens, attributes) FROM STDIN",
+            "COPY interactions (interaction_id, session_id, user_id, endpoint, question, model_name, provider, base_url, cluster, final_answer, status, error, http_status, created_at, total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens, attributes, risk_level, risk_flagged) FROM STDIN",
             "COPY thoughts (interaction_id, thought, sequence_number, created_at) FROM STDIN",
-            "COPY tool_calls (interaction_id, tool_name, tool_input, tool_observation, sequence_number, duration_ms, thought_sequence_number, error, created_at) FROM STDIN",
+            "COPY tool_calls (interaction_id, tool_name, tool_input, tool_observation, sequence_number, duration_ms, thought_sequence_number, error, created_at, risk_level, risk_rule) FROM STDIN",
             "COPY performance_metrics (interaction_id, metric_name, duration_ms, created_at) FROM STDIN",
         ];
         for (statement, data) in statements.iter().zip(tables) {

@@ -129,6 +129,7 @@ impl Workload {
                 duration_ms: Some(40 + (i as i64 + n as i64) % 300),
                 thought_sequence_number: Some(1),
                 error: None,
+                ..ToolCall::new("", "")
             });
         }
         r.final_answer = Some(pick(&self.answers));

@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `verify`,
-//! `doctor`, `retention run`, `bench`.
+//! `doctor`, `retention run`, `mask --test`, `risk --test`, `bench`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,11 +17,13 @@ use crate::store::{self, Store};
 mod doctor;
 mod read;
 mod retention;
+mod risk;
 mod verify;
 
 pub use doctor::{DoctorArgs, DoctorFormat};
 pub use read::{ExportArgs, FilterArgs, ListFormat, QueryArgs, StatsArgs, StatsFormat};
 pub use retention::{RetentionCommand, RetentionRunArgs};
+pub use risk::{RiskArgs, RiskFormat};
 pub use verify::VerifyArgs;
 
 /// The audit log for LLM operations agents.
@@ -66,6 +68,9 @@ pub enum Command {
         #[arg(long)]
         pii: bool,
     },
+    /// Explain how a tool call is classified: the commands parsed from it, the rules
+    /// they trigger and the verdict (`risk --test "kubectl delete pod x"`).
+    Risk(RiskArgs),
     /// Check the hash chain: proves no record was edited, removed or added outside
     /// retention. One line per day (with its head hash), exit status 1 if anything is broken.
     Verify(VerifyArgs),
@@ -135,6 +140,7 @@ impl Command {
                 | Command::Retention(_)
                 | Command::Show { .. }
                 | Command::Mask { .. }
+                | Command::Risk(_)
         )
     }
 }
@@ -175,6 +181,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             with_store(&config, |store| retention::run_retention(store, &config, args)).await
         }
         Command::Mask { file, pii } => mask_test(&file, pii, &config.masking),
+        Command::Risk(args) => risk::run_risk_test(&config.risk, args),
         Command::Show { interaction_id } => {
             let store = open_store(&config).await?;
             let record = store

@@ -60,6 +60,9 @@ pub struct FilterArgs {
     /// Text in the question or the answer (any language, case-insensitive).
     #[arg(long, short = 'q', value_name = "TEXT")]
     pub q: Option<String>,
+    /// Interactions with a tool call at least this risky: none, low, medium, high, critical.
+    #[arg(long, value_name = "LEVEL")]
+    pub min_risk: Option<String>,
 }
 
 impl FilterArgs {
@@ -79,6 +82,7 @@ impl FilterArgs {
             ("min_duration_ms", &self.min_duration_ms),
             ("max_duration_ms", &self.max_duration_ms),
             ("q", &self.q),
+            ("min_risk", &self.min_risk),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
@@ -250,7 +254,7 @@ pub enum StatsFormat {
 pub struct StatsArgs {
     #[command(flatten)]
     filter: FilterArgs,
-    /// Group by model_name, user_id, status, cluster, provider or tool_name.
+    /// Group by model_name, user_id, status, cluster, provider, tool_name or risk_rule.
     #[arg(long, default_value = "model_name", value_name = "COLUMN")]
     group_by: String,
     /// Time buckets: hour or day.

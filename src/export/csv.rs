@@ -49,6 +49,8 @@ pub const CSV_COLUMNS: &[&str] = &[
     "tool_calls",
     "metrics",
     "attributes",
+    "risk_level",
+    "risk_flagged",
 ];
 
 /// Encodes records as CSV rows.
@@ -126,6 +128,8 @@ fn row(r: &Interaction) -> Result<[Cow<'_, str>; CSV_COLUMNS.len()], serde_json:
         serde_json::to_string(&r.tool_calls)?.into(),
         serde_json::to_string(&r.metrics)?.into(),
         serde_json::to_string(&r.attributes)?.into(),
+        r.risk_level.as_str().into(),
+        r.risk_flagged.to_string().into(),
     ])
 }
 

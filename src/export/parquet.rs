@@ -75,6 +75,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("tool_calls", DataType::List(list_item(tool_call_fields())), false),
         Field::new("metrics", DataType::Map(metric_entries(), false), false),
         required_text("attributes"),
+        required_text("risk_level"),
+        Field::new("risk_flagged", DataType::Int32, false),
     ]))
 });
 
@@ -86,10 +88,11 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// - `thoughts`: `List<Struct{content: Utf8, sequence_number: Int32}>`, in order.
 /// - `tool_calls`: `List<Struct{tool_name: Utf8, tool_input: Utf8, tool_observation: Utf8?,
 ///   sequence_number: Int32, duration_ms: Int64?, thought_sequence_number: Int32?,
-///   error: Utf8?}>`, in order.
+///   error: Utf8?, risk_level: Utf8, risk_rule: Utf8?}>`, in order.
 /// - `metrics`: `Map<Utf8, Int64>` (entries `keys` → `values`, sorted by name), which
 ///   pandas and DuckDB read as a dict/map.
 /// - `attributes`: the JSON object as text, since its shape differs from record to record.
+/// - `risk_level` (the name: `none` … `critical`) and `risk_flagged`: the risk roll-up.
 pub fn parquet_schema() -> SchemaRef {
     Arc::clone(&SCHEMA)
 }
@@ -110,6 +113,8 @@ fn tool_call_fields() -> Fields {
         Field::new("duration_ms", DataType::Int64, true),
         Field::new("thought_sequence_number", DataType::Int32, true),
         Field::new("error", DataType::Utf8, true),
+        Field::new("risk_level", DataType::Utf8, false),
+        Field::new("risk_rule", DataType::Utf8, true),
     ])
 }
 
@@ -220,6 +225,8 @@ struct Columns {
     tool_calls: ToolCallsColumn,
     metrics: MetricsColumn,
     attributes: StringBuilder,
+    risk_level: StringBuilder,
+    risk_flagged: Int32Builder,
 }
 
 impl Columns {
@@ -252,6 +259,8 @@ impl Columns {
             tool_calls: ToolCallsColumn::new(),
             metrics: MetricsColumn::new(),
             attributes: StringBuilder::new(),
+            risk_level: StringBuilder::new(),
+            risk_flagged: Int32Builder::new(),
         }
     }
 
@@ -285,6 +294,8 @@ impl Columns {
         *bytes += self.tool_calls.push(&r.tool_calls);
         *bytes += self.metrics.push(&r.metrics);
         append_text(&mut self.attributes, bytes, Some(&attributes));
+        self.risk_level.append_value(r.risk_level.as_str());
+        self.risk_flagged.append_value(r.risk_flagged);
         self.rows += 1;
         Ok(())
     }
@@ -317,6 +328,8 @@ impl Columns {
             self.tool_calls.finish()?,
             self.metrics.finish()?,
             Arc::new(self.attributes.finish()),
+            Arc::new(self.risk_level.finish()),
+            Arc::new(self.risk_flagged.finish()),
         ];
         self.rows = 0;
         self.text_bytes = 0;
@@ -396,6 +409,8 @@ struct ToolCallsColumn {
     duration_ms: Int64Builder,
     thought_sequence_number: Int32Builder,
     error: StringBuilder,
+    risk_level: StringBuilder,
+    risk_rule: StringBuilder,
 }
 
 impl ToolCallsColumn {
@@ -409,6 +424,8 @@ impl ToolCallsColumn {
             duration_ms: Int64Builder::new(),
             thought_sequence_number: Int32Builder::new(),
             error: StringBuilder::new(),
+            risk_level: StringBuilder::new(),
+            risk_rule: StringBuilder::new(),
         }
     }
 
@@ -423,6 +440,8 @@ impl ToolCallsColumn {
             self.duration_ms.append_option(c.duration_ms);
             self.thought_sequence_number.append_option(c.thought_sequence_number);
             append_text(&mut self.error, &mut bytes, c.error.as_deref());
+            self.risk_level.append_value(c.risk_level.as_str());
+            append_text(&mut self.risk_rule, &mut bytes, c.risk_rule.as_deref());
         }
         self.offsets.push_length(calls.len());
         bytes
@@ -437,6 +456,8 @@ impl ToolCallsColumn {
             Arc::new(self.duration_ms.finish()),
             Arc::new(self.thought_sequence_number.finish()),
             Arc::new(self.error.finish()),
+            Arc::new(self.risk_level.finish()),
+            Arc::new(self.risk_rule.finish()),
         ];
         list_column(&mut self.offsets, tool_call_fields(), children)
     }

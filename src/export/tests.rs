@@ -50,6 +50,7 @@ fn varied_record(i: usize) -> Interaction {
             duration_ms: c.is_multiple_of(2).then_some(100 + c as i64),
             thought_sequence_number: (c % 3 != 2).then_some(1),
             error: some_if(c == 2, "exit status 1".into()),
+            ..ToolCall::new("", "")
         })
         .collect();
     let status = Status::ALL[i % Status::ALL.len()];
@@ -88,6 +89,7 @@ fn varied_record(i: usize) -> Interaction {
         input_tokens: (!i.is_multiple_of(14)).then_some(1_200 + i as i64),
         output_tokens: (!i.is_multiple_of(15)).then_some(300),
         attributes,
+        ..Interaction::new("")
     }
 }
 
@@ -230,6 +232,7 @@ fn from_parquet_row(batch: &RecordBatch, row: usize) -> Interaction {
             duration_ms: opt_i64(&field("duration_ms"), j),
             thought_sequence_number: opt_i32(&field("thought_sequence_number"), j),
             error: opt_text(&field("error"), j),
+            ..ToolCall::new("", "")
         })
         .collect();
     let entries = col("metrics").as_map().value(row);
@@ -264,6 +267,7 @@ fn from_parquet_row(batch: &RecordBatch, row: usize) -> Interaction {
         input_tokens: int64("input_tokens"),
         output_tokens: int64("output_tokens"),
         attributes: serde_json::from_str(&text("attributes").unwrap()).unwrap(),
+        ..Interaction::new("")
     }
 }
 
@@ -354,6 +358,7 @@ fn parquet_row_groups_of_large_records_are_bounded_by_size() {
             duration_ms: None,
             thought_sequence_number: None,
             error: None,
+            ..ToolCall::new("", "")
         });
         Ok(r)
     }));

@@ -14,7 +14,7 @@ use serde_json::{Map, Number, Value};
 use uuid::Uuid;
 
 use crate::config::LimitsConfig;
-use crate::model::{id_from_key, Interaction, Status, Thought, ToolCall};
+use crate::model::{id_from_key, Interaction, RiskLevel, Status, Thought, ToolCall};
 
 /// A record that cannot be accepted, and which field is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +62,13 @@ struct WireRecord {
     input_tokens: Option<Number>,
     output_tokens: Option<Number>,
     attributes: Option<Map<String, Value>>,
+    /// Accepted so a record read back can be sent again; the roll-up is always
+    /// recomputed from the tool calls.
+    #[allow(dead_code)]
+    risk_level: Option<String>,
+    /// Accepted and recomputed, like `risk_level`.
+    #[allow(dead_code)]
+    risk_flagged: Option<Number>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +88,9 @@ struct WireToolCall {
     duration_ms: Option<Number>,
     thought_sequence_number: Option<Number>,
     error: Option<String>,
+    /// A producer's own verdict; overwritten by the classifier when `audit.risk.enabled`.
+    risk_level: Option<String>,
+    risk_rule: Option<String>,
 }
 
 /// Validates one JSON value as a record, within the per-record `limits`. `received_at`
@@ -188,22 +198,36 @@ pub fn parse_record(
         });
     }
     for (i, c) in wire.tool_calls.unwrap_or_default().into_iter().enumerate() {
-        record.tool_calls.push(ToolCall {
-            tool_name: c.tool_name,
-            tool_input: c.tool_input.unwrap_or_default(),
-            tool_observation: c.tool_observation,
-            sequence_number: sequence(&format!("tool_calls[{i}].sequence_number"), c.sequence_number)?
-                .unwrap_or(i as i32 + 1),
-            duration_ms: non_negative(&format!("tool_calls[{i}].duration_ms"), c.duration_ms)?,
-            thought_sequence_number: sequence(
-                &format!("tool_calls[{i}].thought_sequence_number"),
-                c.thought_sequence_number,
-            )?,
-            error: c.error,
-        });
+        let mut call = ToolCall::new(c.tool_name, c.tool_input.unwrap_or_default());
+        call.tool_observation = c.tool_observation;
+        call.sequence_number =
+            sequence(&format!("tool_calls[{i}].sequence_number"), c.sequence_number)?.unwrap_or(i as i32 + 1);
+        call.duration_ms = non_negative(&format!("tool_calls[{i}].duration_ms"), c.duration_ms)?;
+        call.thought_sequence_number =
+            sequence(&format!("tool_calls[{i}].thought_sequence_number"), c.thought_sequence_number)?;
+        call.error = c.error;
+        call.risk_level = risk_level(&format!("tool_calls[{i}].risk_level"), c.risk_level.as_deref())?;
+        call.risk_rule = c.risk_rule;
+        record.tool_calls.push(call);
     }
     record.attributes = attributes;
     Ok(record)
+}
+
+/// A producer-sent risk level; absent is `none`.
+fn risk_level(field: &str, name: Option<&str>) -> Result<RiskLevel, FieldError> {
+    match name {
+        None => Ok(RiskLevel::None),
+        Some(name) => RiskLevel::parse(name).ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!(
+                    "unknown risk level `{name}`, expected one of: {}",
+                    RiskLevel::ALL.map(RiskLevel::as_str).join(", ")
+                ),
+            )
+        }),
+    }
 }
 
 /// Refuses a record over a per-record limit. Checked before anything is built from the

@@ -124,6 +124,7 @@ fn a_record_is_masked_in_every_field_and_attributes_by_key() {
         duration_ms: None,
         thought_sequence_number: None,
         error: Some(format!("bad {key}")),
+        ..ToolCall::new("", "")
     });
     r.attributes.insert("apiKey".into(), serde_json::json!("plain-looking-value"));
     r.attributes.insert("nested".into(), serde_json::json!({"list": [format!("x {key}")], "client_secret": "abc"}));

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::time::parse_time;
-use crate::model::{id_from_key, Status};
+use crate::model::{id_from_key, RiskLevel, Status};
 use crate::store::{Filter, Keyset};
 
 /// Longest accepted search text, in characters.
@@ -125,7 +125,7 @@ impl Params {
 
     /// Takes the filter parameters: `from`, `to` (or `since`), `user_id`, `session_id`,
     /// `model_name`, `provider`, `cluster`, `status` (comma-separated), `tool_name`,
-    /// `min_duration_ms`, `max_duration_ms` and `q`.
+    /// `min_duration_ms`, `max_duration_ms`, `min_risk` and `q`.
     pub fn take_filter(&mut self) -> Result<Filter, ParamError> {
         let now = self.now.unwrap_or_else(Utc::now);
         let time = |params: &mut Params, name: &str| -> Result<Option<DateTime<Utc>>, ParamError> {
@@ -182,6 +182,7 @@ impl Params {
             min_duration_ms,
             max_duration_ms,
             text,
+            min_risk: self.take_choice("min_risk", RiskLevel::parse, &RiskLevel::ALL.map(RiskLevel::as_str))?,
         })
     }
 
@@ -259,6 +260,7 @@ mod tests {
             ("min_duration_ms=10&max_duration_ms=5", "max_duration_ms"),
             ("from=2026-11-02&to=2026-11-01", "to"),
             ("user_id=a&user_id=b", "user_id"),
+            ("min_risk=severe", "min_risk"),
         ] {
             let err = params(query).take_filter().unwrap_err();
             assert_eq!(err.field, field, "{query}: {err}");

@@ -473,6 +473,7 @@ mod tests {
                     duration_ms: None,
                     thought_sequence_number: None,
                     error: None,
+                    ..ToolCall::new("", "")
                 })
             }),
         ];

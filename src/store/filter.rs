@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::model::Status;
+use crate::model::{RiskLevel, Status};
 
 /// Which interactions a list, a stats query or an export covers. Every field narrows;
 /// the empty filter is everything.
@@ -38,6 +38,8 @@ pub struct Filter {
     pub max_duration_ms: Option<i64>,
     /// Substring of the question or the final answer, case-insensitive, any language.
     pub text: Option<String>,
+    /// Interactions whose highest tool-call risk is at least this (`none`: any).
+    pub min_risk: Option<RiskLevel>,
 }
 
 /// Where a newest-first page starts: strictly after (older than) this row. Lists are
@@ -66,12 +68,21 @@ pub enum GroupBy {
     Provider,
     /// Each tool: its calls, failures and durations (not the interactions').
     ToolName,
+    /// Each risk rule: the tool calls it flagged (calls no rule matched are left out).
+    RiskRule,
 }
 
 impl GroupBy {
     /// Every grouping, in the documented order.
-    pub const ALL: [GroupBy; 6] =
-        [GroupBy::ModelName, GroupBy::UserId, GroupBy::Status, GroupBy::Cluster, GroupBy::Provider, GroupBy::ToolName];
+    pub const ALL: [GroupBy; 7] = [
+        GroupBy::ModelName,
+        GroupBy::UserId,
+        GroupBy::Status,
+        GroupBy::Cluster,
+        GroupBy::Provider,
+        GroupBy::ToolName,
+        GroupBy::RiskRule,
+    ];
 
     /// The parameter value, which is also the column name.
     pub fn as_str(self) -> &'static str {
@@ -82,6 +93,7 @@ impl GroupBy {
             GroupBy::Cluster => "cluster",
             GroupBy::Provider => "provider",
             GroupBy::ToolName => "tool_name",
+            GroupBy::RiskRule => "risk_rule",
         }
     }
 
@@ -178,6 +190,10 @@ pub struct InteractionSummary {
     pub tool_call_count: i64,
     /// How many reasoning steps it recorded.
     pub thought_count: i64,
+    /// The highest risk level of its tool calls.
+    pub risk_level: RiskLevel,
+    /// How many of its tool calls were flagged (above `none`).
+    pub risk_flagged: i32,
 }
 
 /// One page of a newest-first list.
@@ -209,8 +225,8 @@ pub struct SessionView {
 }
 
 /// One group (and bucket) of a stats query. Durations are the interactions'
-/// `total_duration_ms`, or the tools' `duration_ms` when grouped by tool; an error is a
-/// status other than `success`, or a tool call with an error.
+/// `total_duration_ms`, or the tools' `duration_ms` when grouped by tool or risk rule;
+/// an error is a status other than `success`, or a tool call with an error.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsRow {
     /// The group's value (`null` for rows where the column is empty).

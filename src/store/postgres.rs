@@ -140,14 +140,15 @@ const INSERT_INTERACTIONS: &str = "\
 INSERT INTO interactions (interaction_id, session_id, user_id, endpoint, question, model_name,
     provider, base_url, cluster, final_answer, status, error, http_status, created_at,
     total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens,
-    attributes, chain_block)
+    attributes, chain_block, risk_level, risk_flagged)
 SELECT u.iid, u.sid, u.uid, u.ep, u.q, u.model, u.prov, u.url, u.cl, u.ans, u.st, u.err, u.http,
-    u.at, u.total, u.asst, u.parse, u.tin, u.tout, u.attrs::jsonb, u.block
+    u.at, u.total, u.asst, u.parse, u.tin, u.tout, u.attrs::jsonb, u.block, u.risk, u.flagged
 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int4[], $14::timestamptz[],
-    $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::text[], $21::uuid[])
+    $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::text[], $21::uuid[],
+    $22::int2[], $23::int4[])
     AS u(iid, sid, uid, ep, q, model, prov, url, cl, ans, st, err, http, at, total, asst, parse,
-         tin, tout, attrs, block)
+         tin, tout, attrs, block, risk, flagged)
 ON CONFLICT (interaction_id) DO NOTHING
 RETURNING interaction_id";
 
@@ -157,9 +158,9 @@ SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[])";
 
 const INSERT_TOOL_CALLS: &str = "\
 INSERT INTO tool_calls (interaction_id, tool_name, tool_input, tool_observation, sequence_number,
-    duration_ms, thought_sequence_number, error, created_at)
+    duration_ms, thought_sequence_number, error, created_at, risk_level, risk_rule)
 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int8[],
-    $7::int4[], $8::text[], $9::timestamptz[])";
+    $7::int4[], $8::text[], $9::timestamptz[], $10::int2[], $11::text[])";
 
 const INSERT_METRICS: &str = "\
 INSERT INTO performance_metrics (interaction_id, metric_name, duration_ms, created_at)
@@ -270,6 +271,8 @@ impl BatchSink for PostgresStore {
             .bind(records.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
             .bind(attributes)
             .bind(chain_blocks)
+            .bind(records.iter().map(|r| r.risk_level.rank()).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.risk_flagged).collect::<Vec<_>>())
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
@@ -312,6 +315,8 @@ impl BatchSink for PostgresStore {
                 .bind(calls.iter().map(|(_, c)| c.thought_sequence_number).collect::<Vec<_>>())
                 .bind(calls.iter().map(|(_, c)| c.error.as_deref()).collect::<Vec<_>>())
                 .bind(calls.iter().map(|(r, _)| r.created_at).collect::<Vec<_>>())
+                .bind(calls.iter().map(|(_, c)| c.risk_level.rank()).collect::<Vec<_>>())
+                .bind(calls.iter().map(|(_, c)| c.risk_rule.as_deref()).collect::<Vec<_>>())
                 .execute(&mut *tx)
                 .await
                 .map_err(classify)?;

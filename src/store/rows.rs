@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::chain::{ChainBlock, ChainDay, DayCount, RecordLink};
 use super::filter::{FrequentQuestion, InteractionSummary, Keyset, SessionView, StatsRow};
 use super::{DeadLetter, StoreError};
-use crate::model::{Interaction, Status};
+use crate::model::{Interaction, RiskLevel, Status};
 
 /// The migrations recorded as applied.
 pub const SELECT_APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
@@ -45,6 +45,8 @@ pub struct FullRow {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub attributes: String,
+    pub risk_level: i32,
+    pub risk_flagged: i32,
     pub thoughts: String,
     pub tool_calls: String,
     pub metrics: String,
@@ -73,6 +75,8 @@ pub struct SummaryRow {
     pub output_tokens: Option<i64>,
     pub tool_call_count: i64,
     pub thought_count: i64,
+    pub risk_level: i32,
+    pub risk_flagged: i32,
 }
 
 /// A session's own row.
@@ -193,6 +197,11 @@ fn status(text: &str) -> Result<Status, StoreError> {
     })
 }
 
+fn risk_level(column: &'static str, rank: i32) -> Result<RiskLevel, StoreError> {
+    RiskLevel::from_rank(rank.into())
+        .ok_or_else(|| StoreError::Decode { column, message: format!("{rank} is not a risk level (0–4)") })
+}
+
 fn json<T: serde::de::DeserializeOwned>(column: &'static str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Decode { column, message: e.to_string() })
 }
@@ -201,7 +210,9 @@ impl TryFrom<FullRow> for Interaction {
     type Error = StoreError;
 
     fn try_from(row: FullRow) -> Result<Interaction, StoreError> {
-        Ok(Interaction {
+        let record = Interaction {
+            risk_level: risk_level("interactions.risk_level", row.risk_level)?,
+            risk_flagged: row.risk_flagged,
             interaction_id: uuid("interactions.interaction_id", &row.interaction_id)?,
             session_id: uuid("interactions.session_id", &row.session_id)?,
             user_id: row.user_id,
@@ -227,7 +238,8 @@ impl TryFrom<FullRow> for Interaction {
             input_tokens: row.input_tokens,
             output_tokens: row.output_tokens,
             attributes: json("interactions.attributes", &row.attributes)?,
-        })
+        };
+        Ok(record)
     }
 }
 
@@ -255,6 +267,8 @@ impl SummaryRow {
             output_tokens: row.output_tokens,
             tool_call_count: row.tool_call_count,
             thought_count: row.thought_count,
+            risk_level: risk_level("interactions.risk_level", row.risk_level)?,
+            risk_flagged: row.risk_flagged,
         };
         Ok((summary, keyset))
     }

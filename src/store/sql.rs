@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::filter::{Bucket, Filter, GroupBy, Keyset, StatsRequest};
 use super::Backend;
+use crate::model::RiskLevel;
 
 /// A value bound to a placeholder.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +98,9 @@ impl Sql {
         if let Some(max) = f.max_duration_ms {
             self.push(" AND i.total_duration_ms <= ").bind(Param::Int(max));
         }
+        if let Some(min) = f.min_risk.filter(|l| *l > RiskLevel::None) {
+            self.push(" AND i.risk_level >= ").bind(Param::Int(min.rank().into()));
+        }
         if let Some(text) = &f.text {
             self.text_search(text);
         }
@@ -159,7 +163,8 @@ i.id, CAST(i.interaction_id AS TEXT) AS interaction_id, CAST(i.session_id AS TEX
     i.user_id, s.client_ip, s.user_agent, i.created_at, i.endpoint, i.question, i.model_name,
     i.provider, i.base_url, i.cluster, i.final_answer, i.status, i.error, i.http_status,
     i.total_duration_ms, i.assistant_duration_ms, i.parse_duration_ms, i.input_tokens,
-    i.output_tokens, CAST(i.attributes AS TEXT) AS attributes";
+    i.output_tokens, CAST(i.attributes AS TEXT) AS attributes, CAST(i.risk_level AS INTEGER) AS risk_level,
+    i.risk_flagged";
 
 /// An interaction's children as JSON text, one correlated subquery each (index reads by
 /// `interaction_id`), so a full record is one row and an export one streamed statement.
@@ -173,7 +178,9 @@ fn children_columns(backend: Backend) -> &'static str {
 (SELECT coalesce(json_agg(json_build_object('tool_name', t.tool_name, 'tool_input', t.tool_input,
         'tool_observation', t.tool_observation, 'sequence_number', t.sequence_number,
         'duration_ms', t.duration_ms, 'thought_sequence_number', t.thought_sequence_number,
-        'error', t.error) ORDER BY t.sequence_number, t.id), '[]')::text
+        'error', t.error, 'risk_level', CASE t.risk_level WHEN 1 THEN 'low' WHEN 2 THEN 'medium'
+        WHEN 3 THEN 'high' WHEN 4 THEN 'critical' ELSE 'none' END, 'risk_rule', t.risk_rule)
+        ORDER BY t.sequence_number, t.id), '[]')::text
     FROM tool_calls t WHERE t.interaction_id = i.interaction_id) AS tool_calls,
 (SELECT coalesce(json_object_agg(m.metric_name, m.duration_ms), '{}')::text
     FROM performance_metrics m WHERE m.interaction_id = i.interaction_id) AS metrics"
@@ -186,7 +193,9 @@ fn children_columns(backend: Backend) -> &'static str {
 (SELECT coalesce(json_group_array(json_object('tool_name', t.tool_name, 'tool_input', t.tool_input,
         'tool_observation', t.tool_observation, 'sequence_number', t.sequence_number,
         'duration_ms', t.duration_ms, 'thought_sequence_number', t.thought_sequence_number,
-        'error', t.error) ORDER BY t.sequence_number, t.id), '[]')
+        'error', t.error, 'risk_level', CASE t.risk_level WHEN 1 THEN 'low' WHEN 2 THEN 'medium'
+        WHEN 3 THEN 'high' WHEN 4 THEN 'critical' ELSE 'none' END, 'risk_rule', t.risk_rule)
+        ORDER BY t.sequence_number, t.id), '[]')
     FROM tool_calls t WHERE t.interaction_id = i.interaction_id) AS tool_calls,
 (SELECT coalesce(json_group_object(m.metric_name, m.duration_ms), '{}')
     FROM performance_metrics m WHERE m.interaction_id = i.interaction_id) AS metrics"
@@ -252,7 +261,8 @@ pub(crate) fn select_page(backend: Backend, filter: &Filter, after: Option<Keyse
     i.final_answer, i.status, i.error, i.http_status, i.total_duration_ms, i.input_tokens,
     i.output_tokens,
     (SELECT count(*) FROM tool_calls t WHERE t.interaction_id = i.interaction_id) AS tool_call_count,
-    (SELECT count(*) FROM thoughts th WHERE th.interaction_id = i.interaction_id) AS thought_count
+    (SELECT count(*) FROM thoughts th WHERE th.interaction_id = i.interaction_id) AS thought_count,
+    CAST(i.risk_level AS INTEGER) AS risk_level, i.risk_flagged
 FROM interactions i WHERE true",
     );
     sql.filter(filter).before("(i.created_at, i.id)", after);
@@ -293,8 +303,9 @@ pub(crate) fn select_stats(backend: Backend, request: &StatsRequest) -> Sql {
     let mut sql = Sql::new(backend);
     let (bucket, bucket_text) = bucket_exprs(backend, request.bucket);
     sql.push("WITH src AS (SELECT ");
-    if request.group_by == GroupBy::ToolName {
-        sql.push("t.tool_name AS k, ").push(bucket).push(
+    if matches!(request.group_by, GroupBy::ToolName | GroupBy::RiskRule) {
+        let key = if request.group_by == GroupBy::ToolName { "t.tool_name" } else { "t.risk_rule" };
+        sql.push(key).push(" AS k, ").push(bucket).push(
             " AS b, t.duration_ms AS d, CASE WHEN t.error IS NOT NULL THEN 1 ELSE 0 END AS e,
     CAST(NULL AS BIGINT) AS tin, CAST(NULL AS BIGINT) AS tout
 FROM tool_calls t JOIN interactions i ON i.interaction_id = t.interaction_id WHERE true",
@@ -302,6 +313,14 @@ FROM tool_calls t JOIN interactions i ON i.interaction_id = t.interaction_id WHE
         // "Stats of kubectl" means kubectl's calls, not every tool its interactions ran.
         if let Some(tool) = &request.filter.tool_name {
             sql.push(" AND t.tool_name = ").bind(Param::Text(tool.clone()));
+        }
+        if request.group_by == GroupBy::RiskRule {
+            // The calls a rule flagged, at the level asked for (not every call of an
+            // interaction that reached it).
+            sql.push(" AND t.risk_rule IS NOT NULL");
+            if let Some(min) = request.filter.min_risk.filter(|l| *l > RiskLevel::None) {
+                sql.push(" AND t.risk_level >= ").bind(Param::Int(min.rank().into()));
+            }
         }
     } else {
         sql.push("CAST(i.").push(request.group_by.as_str()).push(" AS TEXT) AS k, ").push(bucket).push(

@@ -133,10 +133,10 @@ const INSERT_INTERACTIONS: &str = "\
 INSERT INTO interactions (interaction_id, session_id, user_id, endpoint, question, model_name,
     provider, base_url, cluster, final_answer, status, error, http_status, created_at,
     total_duration_ms, assistant_duration_ms, parse_duration_ms, input_tokens, output_tokens,
-    attributes, chain_block)
+    attributes, chain_block, risk_level, risk_flagged)
 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7,
     value->>8, value->>9, value->>10, value->>11, value->>12, value->>13, value->>14, value->>15,
-    value->>16, value->>17, value->>18, value->>19, value->>20
+    value->>16, value->>17, value->>18, value->>19, value->>20, value->>21, value->>22
 FROM json_each(?1) WHERE true
 ON CONFLICT (interaction_id) DO NOTHING
 RETURNING interaction_id";
@@ -147,9 +147,9 @@ SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1)";
 
 const INSERT_TOOL_CALLS: &str = "\
 INSERT INTO tool_calls (interaction_id, tool_name, tool_input, tool_observation, sequence_number,
-    duration_ms, thought_sequence_number, error, created_at)
+    duration_ms, thought_sequence_number, error, created_at, risk_level, risk_rule)
 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7,
-    value->>8
+    value->>8, value->>9, value->>10
 FROM json_each(?1)";
 
 const INSERT_METRICS: &str = "\
@@ -253,6 +253,8 @@ impl BatchSink for SqliteStore {
                     r.output_tokens,
                     serde_json::Value::Object(r.attributes.clone()).to_string(),
                     plan.as_ref().and_then(|p| p.block_of(i)).map(|b| b.to_string()),
+                    r.risk_level.rank(),
+                    r.risk_flagged,
                 ])
             })
             .collect();
@@ -300,7 +302,9 @@ impl BatchSink for SqliteStore {
                     c.duration_ms,
                     c.thought_sequence_number,
                     c.error,
-                    at
+                    at,
+                    c.risk_level.rank(),
+                    c.risk_rule
                 ]));
             }
             for (name, ms) in &r.metrics {

@@ -53,6 +53,7 @@ fn record(day: &str, n: usize) -> Interaction {
             duration_ms: Some(90),
             thought_sequence_number: Some(2),
             error: Some("forbidden".into()),
+            ..ToolCall::new("", "")
         },
         ToolCall {
             tool_name: "kubectl".into(),
@@ -62,6 +63,7 @@ fn record(day: &str, n: usize) -> Interaction {
             duration_ms: Some(120),
             thought_sequence_number: Some(1),
             error: None,
+            ..ToolCall::new("", "")
         },
     ];
     r.final_answer = Some(format!("raise the memory limit ({n})"));

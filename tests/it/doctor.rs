@@ -39,6 +39,7 @@ fn record(n: usize, tool_sequence: [i32; 2]) -> Interaction {
             duration_ms: Some(100),
             thought_sequence_number: Some(i as i32 + 1),
             error: None,
+            ..ToolCall::new("", "")
         })
         .collect();
     r.final_answer = Some("raise the memory limit".into());

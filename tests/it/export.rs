@@ -125,6 +125,7 @@ fn rich_record(i: usize, base: DateTime<Utc>, sessions: &[Uuid]) -> Interaction 
             duration_ms: (c % 3 != 1).then_some((i * 3 + c) as i64),
             thought_sequence_number: (c < i % 4).then_some(c as i32 + 1),
             error: (c == 1 || (i + c).is_multiple_of(7)).then(|| format!("exit status {c}: forbidden, \"denied\"")),
+            ..ToolCall::new("", "")
         })
         .collect();
     r.final_answer = match i % 11 {
@@ -295,6 +296,7 @@ fn from_csv(body: &[u8]) -> Vec<Interaction> {
                 input_tokens: int("input_tokens"),
                 output_tokens: int("output_tokens"),
                 attributes: serde_json::from_value(nested("attributes")).expect("attributes"),
+                ..Interaction::new("")
             }
         })
         .collect()
@@ -356,6 +358,7 @@ fn from_parquet(body: Bytes) -> (SchemaRef, Vec<Interaction>) {
                         },
                         thought_sequence_number: i32_("thought_sequence_number", k),
                         error: s("error", k),
+                        ..ToolCall::new("", "")
                     })
                     .collect()
             };
@@ -398,6 +401,7 @@ fn from_parquet(body: Bytes) -> (SchemaRef, Vec<Interaction>) {
                 input_tokens: int("input_tokens"),
                 output_tokens: int("output_tokens"),
                 attributes: serde_json::from_str(&text("attributes").expect("attributes")).expect("attributes JSON"),
+                ..Interaction::new("")
             });
         }
     }
@@ -680,6 +684,7 @@ async fn postgres_a_large_export_streams_in_many_chunks() {
                 duration_ms: Some(i as i64 % 300),
                 thought_sequence_number: None,
                 error: None,
+                ..ToolCall::new("", "")
             });
             r
         })

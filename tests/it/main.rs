@@ -17,6 +17,7 @@ mod pg_cluster;
 mod pipeline;
 mod query;
 mod retention;
+mod risk;
 mod security;
 mod spool;
 mod spool_props;

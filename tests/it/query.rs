@@ -216,6 +216,7 @@ fn make_seed() -> Seed {
                 duration_ms,
                 thought_sequence_number: Some(1),
                 error,
+                ..ToolCall::new("", "")
             });
         }
         r.final_answer = Some(format!("checked {} and found nothing unusual", rng.pick(&SERVICES)));

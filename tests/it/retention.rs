@@ -53,6 +53,7 @@ fn record(day: NaiveDate, n: usize) -> Interaction {
             duration_ms: Some(100),
             thought_sequence_number: Some(1),
             error: None,
+            ..ToolCall::new("", "")
         })
         .collect();
     r.metrics.insert("llm_first_token_ms".into(), 800);

@@ -120,6 +120,7 @@ async fn the_library_logger_masks_too(db: &TestDb) {
         duration_ms: Some(3),
         thought_sequence_number: None,
         error: None,
+        ..ToolCall::new("", "")
     }];
     let id = record.interaction_id;
     // Every way into the pipeline: fire-and-forget, committed, durable.

@@ -43,6 +43,7 @@ fn full_record() -> Interaction {
             duration_ms: Some(120),
             thought_sequence_number: Some(1),
             error: None,
+            ..ToolCall::new("", "")
         },
         ToolCall {
             tool_name: "kubectl".into(),
@@ -52,6 +53,7 @@ fn full_record() -> Interaction {
             duration_ms: Some(90),
             thought_sequence_number: Some(2),
             error: Some("forbidden".into()),
+            ..ToolCall::new("", "")
         },
     ];
     r.final_answer = Some("raise the memory limit".into());
@@ -84,6 +86,7 @@ fn simple(session: Uuid, n: usize) -> Vec<Interaction> {
                 duration_ms: Some(1),
                 thought_sequence_number: None,
                 error: None,
+                ..ToolCall::new("", "")
             });
             r
         })
