@@ -27,7 +27,7 @@ use crate::config::{redact_url, Config, ConfigError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::retention::{spawn_scheduler, Schedule};
-use crate::risk::{RiskClassifier, RiskError};
+use crate::risk::{alert, detect, RiskClassifier, RiskError};
 use crate::store::{self, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
@@ -83,6 +83,8 @@ pub struct Application {
     startup: Option<JoinHandle<()>>,
     /// The daily retention run (`audit.retention.auto_cleanup`).
     retention: Option<JoinHandle<()>>,
+    /// The anomaly job and its webhook task (`audit.anomalies`, `audit.alerts`).
+    anomalies: Vec<JoinHandle<()>>,
     /// Stops the background tasks (start-up retries, retention) at shutdown.
     stop_startup: CancellationToken,
 }
@@ -143,7 +145,8 @@ impl Application {
         );
         let state = AppState::with_risk(logger, store, config, masker, risk, auth);
         tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
-        Ok(Application { listener, state, startup, retention, stop_startup })
+        let anomalies = start_anomalies(&state, &stop_startup);
+        Ok(Application { listener, state, startup, retention, anomalies, stop_startup })
     }
 
     /// The address the server listens on (the real port when configured with port 0).
@@ -169,7 +172,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
-        let Application { listener, state, startup, retention, stop_startup } = self;
+        let Application { listener, state, startup, retention, anomalies, stop_startup } = self;
         let (logger, store) = (state.logger.clone(), state.store.clone());
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
@@ -181,6 +184,9 @@ impl Application {
         }
         if let Some(retention) = retention {
             let _ = retention.await;
+        }
+        for task in anomalies {
+            let _ = task.await;
         }
         let report = logger.shutdown(shutdown_timeout).await;
         store.close().await;
@@ -258,6 +264,34 @@ fn start_retention(
     }
     let schedule = Schedule::from_config(retention)?;
     Ok(Some(spawn_scheduler(store.clone(), retention.clone(), schedule, stop.clone())))
+}
+
+/// Starts the anomaly job (`audit.anomalies.enabled`) and, with
+/// `audit.alerts.webhook_url`, the webhook task it hands new anomalies to. Both stop at
+/// `stop`.
+fn start_anomalies(state: &AppState, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
+    let config = &state.config;
+    if !config.anomalies.enabled {
+        return Vec::new();
+    }
+    let mut tasks = Vec::new();
+    let metrics = state.metrics.clone();
+    let sender = alert::spawn(&config.alerts, Arc::new(move |outcome| metrics.alert_outcome(outcome)), stop.clone())
+        .map(|(sender, task)| {
+            tasks.push(task);
+            sender
+        });
+    let metrics = state.metrics.clone();
+    let found = move |anomalies: Vec<crate::store::NewAnomaly>| {
+        for anomaly in anomalies {
+            metrics.anomaly_found(anomaly.kind);
+            if let Some(sender) = &sender {
+                sender.send(anomaly);
+            }
+        }
+    };
+    tasks.push(detect::spawn(state.store.clone(), config.anomalies.clone(), found, stop.clone()));
+    tasks
 }
 
 /// What a [`prepare_database`] task came to, a task that died counting as a failure.

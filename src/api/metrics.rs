@@ -48,6 +48,18 @@ struct RouteLabels {
     method: String,
 }
 
+/// Label of the anomaly counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Label of the webhook counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 /// Label naming an API token.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabel {
@@ -62,6 +74,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     database_bytes: Gauge,
+    anomalies: Family<KindLabel, Counter>,
+    alerts: Family<OutcomeLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +123,18 @@ impl Metrics {
             Unit::Bytes,
             database_bytes.clone(),
         );
+        let anomalies = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "anomalies",
+            "Anomalies found by the detection job (new ones only), by kind",
+            anomalies.clone(),
+        );
+        let alerts = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "anomaly_webhook_posts",
+            "Anomalies sent to audit.alerts.webhook_url: delivered, failed (every attempt) or dropped (queue full)",
+            alerts.clone(),
+        );
         let stats = logger.stats();
         registry.register_with_unit(
             "commit_latency",
@@ -118,7 +144,7 @@ impl Metrics {
         );
         registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
         registry.register_collector(Box::new(PipelineCollector { logger, masker, risk }));
-        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes }
+        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes, anomalies, alerts }
     }
 
     /// Counts a refused request.
@@ -129,6 +155,16 @@ impl Metrics {
     /// Counts a request refused for its token's rate.
     pub(crate) fn rate_limited(&self, token: &str) {
         self.rate_limited.get_or_create(&TokenLabel { token: token.to_owned() }).inc();
+    }
+
+    /// Counts an anomaly the detection job stored.
+    pub fn anomaly_found(&self, kind: crate::store::AnomalyKind) {
+        self.anomalies.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+    }
+
+    /// Counts how an anomaly's webhook delivery ended.
+    pub fn alert_outcome(&self, outcome: crate::risk::alert::Outcome) {
+        self.alerts.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
     }
 
     /// Sets the sampled database size.

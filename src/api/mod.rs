@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/stats", get(read::stats))
         .route("/api/v1/stats/overview", get(read::overview))
         .route("/api/v1/export", get(read::export))
+        .route("/api/v1/anomalies", get(read::anomalies))
         .route_layer(guard(state.clone(), auth::require_read));
     let admin = Router::new()
         .route("/api/v1/dead-letters", get(read::dead_letters))

@@ -63,6 +63,12 @@ pub(super) async fn dead_letters(State(app): State<AppState>, RawQuery(q): RawQu
     Ok(Json(page).into_response())
 }
 
+/// `GET /api/v1/anomalies`: what the anomaly job found, newest window first.
+pub(super) async fn anomalies(State(app): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let page = query::anomalies(app.store.as_ref(), Params::from_query(q.as_deref())).await?;
+    Ok(Json(page).into_response())
+}
+
 /// `GET /api/v1/stats`: aggregates by a column, optionally per time bucket.
 pub(super) async fn stats(State(app): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let request = query::stats_request(Params::from_query(q.as_deref()))?;

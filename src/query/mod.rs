@@ -110,6 +110,27 @@ pub async fn dead_letters(store: &dyn Store, mut params: Params) -> Result<DeadL
     Ok(DeadLetterPage { items: page.items, next_cursor: page.next.map(|k| cursor::encode(k, &unfiltered, now)) })
 }
 
+/// A page of anomalies.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyPage {
+    /// The anomalies, newest window first.
+    pub items: Vec<crate::store::Anomaly>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Reads and runs an anomaly page request (`limit`, `cursor`).
+pub async fn anomalies(store: &dyn Store, mut params: Params) -> Result<AnomalyPage, QueryError> {
+    // No filters: cursors are bound to the empty filter, as for dead letters.
+    let unfiltered = Filter::default();
+    let now = params.pin_now();
+    let before = params.take_cursor(&unfiltered)?;
+    let limit = params.take_limit(DEFAULT_LIMIT, MAX_LIMIT)?;
+    params.finish()?;
+    let page = store.list_anomalies(before, limit).await?;
+    Ok(AnomalyPage { items: page.items, next_cursor: page.next.map(|k| cursor::encode(k, &unfiltered, now)) })
+}
+
 /// Reads a stats request: the filters, `group_by` (default `model_name`), `bucket`
 /// (`hour`, `day`) and `top`.
 pub fn stats_request(mut params: Params) -> Result<StatsRequest, ParamError> {

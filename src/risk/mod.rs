@@ -16,6 +16,10 @@
 //!
 //! The [`RiskClassifier`] is a pipeline [`Stage`] placed after masking: it sees what is
 //! stored (secrets already replaced), and runs for every path into the pipeline.
+//!
+//! Behaviour over time is watched by [`detect`] (a background job of `serve`, scoring
+//! hourly series with [`anomaly`]); what it finds is stored, counted and, when
+//! configured, sent to a webhook by [`alert`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +32,10 @@ pub use crate::model::RiskLevel;
 use crate::model::{Interaction, ToolCall};
 use crate::pipeline::Stage;
 
+pub mod alert;
+pub mod anomaly;
 mod command;
+pub mod detect;
 mod helm;
 mod kubectl;
 mod rules;

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use crate::model::Interaction;
 
+pub mod anomalies;
 pub mod chain;
 pub mod consistency;
 pub mod filter;
@@ -40,6 +41,7 @@ pub use filter::{
     Bucket, Filter, FrequentQuestion, GroupBy, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow,
 };
 
+pub use anomalies::{Anomaly, AnomalyKind, NewAnomaly};
 pub use chain::{ChainBlock, ChainDay, DayCount, ExpiredDay, RecordLink};
 pub use consistency::{ChildTable, Finding, Inspection};
 pub use postgres::PostgresStore;
@@ -338,6 +340,13 @@ pub trait Store: BatchSink {
     /// Rebuilds the full-text index from the rows (a no-op where the database maintains
     /// it itself).
     async fn rebuild_search_index(&self) -> Result<(), StoreError>;
+
+    /// Stores detected anomalies, skipping any already stored (same kind, scope and
+    /// window); returns the ones that were new.
+    async fn write_anomalies(&self, anomalies: &[NewAnomaly]) -> Result<Vec<NewAnomaly>, StoreError>;
+
+    /// A page of anomalies, newest window first, starting after `before`.
+    async fn list_anomalies(&self, before: Option<Keyset>, limit: u32) -> Result<Page<Anomaly>, StoreError>;
 
     /// Closes the connections.
     async fn close(&self);

@@ -24,6 +24,7 @@ use sqlx::{Arguments, Connection};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::anomalies::{Anomaly, NewAnomaly};
 use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
 use super::consistency::{self, ChildTable, Finding, Inspection};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
@@ -435,6 +436,14 @@ impl Store for PostgresStore {
         read::dead_letters(self, before, limit).await
     }
 
+    async fn write_anomalies(&self, anomalies: &[NewAnomaly]) -> Result<Vec<NewAnomaly>, StoreError> {
+        super::anomalies::write(self, anomalies).await
+    }
+
+    async fn list_anomalies(&self, before: Option<Keyset>, limit: u32) -> Result<Page<Anomaly>, StoreError> {
+        super::anomalies::list(self, before, limit).await
+    }
+
     fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
         read::export(self, filter)
     }
@@ -562,6 +571,7 @@ fn arguments(params: Vec<Param>) -> Result<PgArguments, StoreError> {
             Param::Time(v) => args.add(v),
             Param::Uuid(v) => args.add(v),
             Param::Date(v) => args.add(v),
+            Param::Float(v) => args.add(v),
         }
         .map_err(StoreError::Other)?;
     }

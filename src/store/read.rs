@@ -108,7 +108,10 @@ pub(crate) async fn dead_letters(
     paginate(rows.into_iter().map(DeadLetterRow::into_letter), limit)
 }
 
-fn paginate<T>(rows: impl Iterator<Item = Result<(T, Keyset), StoreError>>, limit: u32) -> Result<Page<T>, StoreError> {
+pub(crate) fn paginate<T>(
+    rows: impl Iterator<Item = Result<(T, Keyset), StoreError>>,
+    limit: u32,
+) -> Result<Page<T>, StoreError> {
     let mut items = Vec::with_capacity(limit as usize);
     let mut last = None;
     let mut more = false;

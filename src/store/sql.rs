@@ -24,6 +24,7 @@ pub(crate) enum Param {
     Time(DateTime<Utc>),
     Uuid(Uuid),
     Date(NaiveDate),
+    Float(f64),
 }
 
 /// A statement being assembled: its text and the values of `$1…$N`.
@@ -497,6 +498,7 @@ pub(crate) fn postgres_literal(sql: &Sql) -> String {
             Param::Time(v) => format!("'{}'::timestamptz", v.to_rfc3339()),
             Param::Uuid(v) => format!("'{v}'::uuid"),
             Param::Date(v) => format!("'{v}'::date"),
+            Param::Float(v) => format!("{v:?}::float8"),
         };
         text = text.replace(&format!("${}", n + 1), &literal);
     }

@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::anomalies::{Anomaly, NewAnomaly};
 use super::chain::{self, ChainBlock, ChainDay, ChainPlan, DayCount, ExpiredDay, PendingBlock, RecordLink};
 use super::consistency::{self, ChildTable, Finding, Inspection};
 use super::filter::{Filter, FrequentQuestion, InteractionSummary, Keyset, Page, SessionView, StatsRequest, StatsRow};
@@ -424,6 +425,15 @@ impl Store for SqliteStore {
         read::dead_letters(self, before, limit).await
     }
 
+    async fn write_anomalies(&self, anomalies: &[NewAnomaly]) -> Result<Vec<NewAnomaly>, StoreError> {
+        let _guard = self.write_lock.lock().await;
+        super::anomalies::write(self, anomalies).await
+    }
+
+    async fn list_anomalies(&self, before: Option<Keyset>, limit: u32) -> Result<Page<Anomaly>, StoreError> {
+        super::anomalies::list(self, before, limit).await
+    }
+
     fn export(&self, filter: &Filter) -> BoxStream<'static, Result<Interaction, StoreError>> {
         read::export(self, filter)
     }
@@ -579,6 +589,7 @@ fn arguments(params: Vec<Param>) -> Result<SqliteArguments<'static>, StoreError>
             Param::Time(v) => args.add(format_time(&v)),
             Param::Uuid(v) => args.add(v.to_string()),
             Param::Date(v) => args.add(v.to_string()),
+            Param::Float(v) => args.add(v),
         }
         .map_err(StoreError::Other)?;
     }
