@@ -3,9 +3,12 @@
 //! fresh schema in the same run, as the baseline. First, the same workload queued with
 //! masking and the hash chain both off (`plain`), so what security costs is measured in
 //! the same run: it goes first, so the secured phases write into the larger table (the
-//! ratio errs against security, not for it). The last two lines printed are
-//! machine-readable: `secured_per_s=… plain_per_s=… security_ratio=…`, then
-//! `ingest_per_s=… copy_per_s=… ratio=…` (SQLite: `ingest_per_s=…`).
+//! ratio errs against security, not for it). Then the same with only risk
+//! classification off (`no-risk`), right before the secured phase, for the cost of
+//! classification alone. The last lines printed are machine-readable:
+//! `risk_on_per_s=… risk_off_per_s=… risk_ratio=…`, `secured_per_s=… plain_per_s=…
+//! security_ratio=…`, then `ingest_per_s=… copy_per_s=… ratio=…` (SQLite:
+//! `ingest_per_s=…`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -20,6 +23,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::mask::Masker;
 use crate::model::Interaction;
 use crate::pipeline::{AuditLogger, Stage};
+use crate::risk::RiskClassifier;
 use crate::store::{self, Backend, Store};
 
 /// Options of `bench ingest`.
@@ -67,19 +71,27 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     )?;
     out.flush()?;
 
-    // Masking and the chain as configured (both on by default) for the secured phases.
+    // Masking, risk classification and the chain as configured (all on by default) for
+    // the secured phases, as `serve` runs them; `no-risk` leaves classification out.
     let masker: Option<Arc<dyn Stage>> = Masker::from_config(&config.masking)?.map(|m| Arc::new(m) as Arc<dyn Stage>);
+    let risk: Option<Arc<dyn Stage>> =
+        RiskClassifier::from_config(&config.risk)?.map(|r| Arc::new(r) as Arc<dyn Stage>);
+    let stages: Vec<Arc<dyn Stage>> = masker.iter().chain(risk.iter()).cloned().collect();
     let plain_store = {
         let mut options = config.database.clone();
         options.hash_chain = false;
         store::open(&options).await.context("opening the benchmark database")?
     };
     let plain_seed = args.seed ^ 0x91a1_0000;
-    let plain = run_pipeline(plain_store.clone(), &pipeline_config, &config.limits, &args, None, plain_seed).await?;
+    let plain = run_pipeline(plain_store.clone(), &pipeline_config, &config.limits, &args, &[], plain_seed).await?;
     plain_store.close().await;
-    let pipeline =
-        run_pipeline(store.clone(), &pipeline_config, &config.limits, &args, masker.clone(), args.seed).await?;
-    let durable = run_durable(store.clone(), config, &pipeline_config, &args, masker.clone()).await?;
+    // Risk off and on back to back, in the same run, so the ratio compares like with like.
+    let no_risk_stages: Vec<Arc<dyn Stage>> = masker.iter().cloned().collect();
+    let no_risk =
+        run_pipeline(store.clone(), &pipeline_config, &config.limits, &args, &no_risk_stages, args.seed ^ 0x0715_c000)
+            .await?;
+    let pipeline = run_pipeline(store.clone(), &pipeline_config, &config.limits, &args, &stages, args.seed).await?;
+    let durable = run_durable(store.clone(), config, &pipeline_config, &args, &stages).await?;
     let baseline = if store.backend() == Backend::Postgres && !args.no_baseline {
         Some(run_copy_baseline(&url, &args).await?)
     } else {
@@ -95,6 +107,7 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     )?;
     for (name, r) in [
         ("plain", Some(&plain)),
+        ("no-risk", Some(&no_risk)),
         ("pipeline", Some(&pipeline)),
         ("durable", Some(&durable)),
         ("copy", baseline.as_ref()),
@@ -117,9 +130,18 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     write!(out, "{table}")?;
     writeln!(
         out,
-        "plain: masking and hash chain off; pipeline and durable: masking {}, hash chain {}",
+        "plain: masking, risk and hash chain off; no-risk: risk off; pipeline and durable: masking {}, risk {}, \
+         hash chain {}",
         if masker.is_some() { "on" } else { "off" },
+        if risk.is_some() { "on" } else { "off" },
         if config.database.hash_chain { "on" } else { "off" },
+    )?;
+    writeln!(
+        out,
+        "risk_on_per_s={:.0} risk_off_per_s={:.0} risk_ratio={:.2}",
+        pipeline.per_second(),
+        no_risk.per_second(),
+        pipeline.per_second() / no_risk.per_second()
     )?;
     writeln!(
         out,
@@ -148,19 +170,22 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     Ok(())
 }
 
-/// The workload of `seed`, queued (fire and forget), through `stage` when given.
+/// The workload of `seed`, queued (fire and forget), through `stages`.
 async fn run_pipeline(
     store: Arc<dyn Store>,
     pipeline_config: &crate::config::AsyncConfig,
     limits: &LimitsConfig,
     args: &IngestBenchArgs,
-    stage: Option<Arc<dyn Stage>>,
+    stages: &[Arc<dyn Stage>],
     seed: u64,
 ) -> anyhow::Result<PhaseResult> {
     let before = store.count_interactions().await?;
     let mut workload = Workload::new(seed);
-    let logger =
-        stage.into_iter().fold(AuditLogger::builder(store.clone(), pipeline_config, limits), |b, s| b.stage(s)).start();
+    let logger = stages
+        .iter()
+        .cloned()
+        .fold(AuditLogger::builder(store.clone(), pipeline_config, limits), |b, s| b.stage(s))
+        .start();
     // Pace the producer so the benchmark measures the writers, not the drop policy.
     let high_water = (pipeline_config.queue_size / 2).max(pipeline_config.batch_size);
     let mut bytes = 0u64;
@@ -203,7 +228,7 @@ async fn run_durable(
     config: &Config,
     pipeline_config: &crate::config::AsyncConfig,
     args: &IngestBenchArgs,
-    stage: Option<Arc<dyn Stage>>,
+    stages: &[Arc<dyn Stage>],
 ) -> anyhow::Result<PhaseResult> {
     use futures::StreamExt;
     const DURABLE_PRODUCERS: usize = 256;
@@ -212,7 +237,7 @@ async fn run_durable(
     let spool_config = crate::config::SpoolConfig { dir: dir.clone(), ..config.spool.clone() };
     let spool = crate::pipeline::Spool::open(&spool_config, pipeline_config.queue_size)?;
     let builder = AuditLogger::builder(store.clone(), pipeline_config, &config.limits).spool(Some(spool));
-    let logger = stage.into_iter().fold(builder, |b, s| b.stage(s)).start();
+    let logger = stages.iter().cloned().fold(builder, |b, s| b.stage(s)).start();
     // Fresh ids: the queued phase already stored this seed's records.
     let mut workload = Workload::new(args.seed ^ 0x5eed_d0d0);
     let records: Vec<Interaction> = (0..args.records).map(|i| workload.record(i)).collect();
