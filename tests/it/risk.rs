@@ -15,7 +15,7 @@ use opsagent_audit::model::{Interaction, RiskLevel, Status, ToolCall};
 use opsagent_audit::risk::alert::{self, Outcome};
 use opsagent_audit::risk::anomaly::Settings;
 use opsagent_audit::risk::detect::{detect, hour_of};
-use opsagent_audit::store::{AnomalyKind, NewAnomaly, Store};
+use opsagent_audit::store::{AnomalyKind, NewAnomaly};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
