@@ -71,37 +71,36 @@ pub enum AppError {
     },
 }
 
-/// A built service: bound, pipeline running, not yet serving.
-pub struct Application {
-    listener: TcpListener,
-    state: AppState,
+/// The service's machinery without its HTTP listener: the store, the masking stage and
+/// the pipeline, with the start-up task that waits for the database. [`Application`]
+/// runs on one; a Rust agent that logs through the library (the
+/// [`AuditLayer`](crate::layer::AuditLayer), or [`AuditLogger::log`] directly) starts
+/// one from the same configuration, so its records are masked, spooled and retried
+/// exactly as the server's are.
+pub struct Engine {
+    logger: AuditLogger,
+    store: Arc<dyn Store>,
+    masker: Option<Arc<Masker>>,
     /// The background task waiting for the database, when start-up did not reach it.
     startup: Option<JoinHandle<()>>,
-    /// The daily retention run (`audit.retention.auto_cleanup`).
-    retention: Option<JoinHandle<()>>,
-    /// Stops the background tasks (start-up retries, retention) at shutdown.
-    stop_startup: CancellationToken,
+    /// Stops the start-up retries at shutdown.
+    stop: CancellationToken,
 }
 
-impl std::fmt::Debug for Application {
+impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("address", &self.listener.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("Engine").field("logger", &self.logger).finish_non_exhaustive()
     }
 }
 
-impl Application {
-    /// Opens the store and the spool, starts the pipeline, binds the listener. Returns
-    /// without waiting for the database when it does not answer at once.
-    pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
-        let listen = config.server.listen;
-        let auth = Authenticator::new(&config.auth, &config.limits, |var| std::env::var(var).ok())?;
-        if !listen.ip().is_loopback() && !insecure && !auth.is_enabled() {
-            return Err(AppError::Unprotected(listen));
-        }
+impl Engine {
+    /// Opens the store and the spool and starts the pipeline. Returns without waiting
+    /// for the database when it does not answer at once: records are spooled (or held
+    /// in memory) until it does.
+    pub async fn start(config: &Config) -> Result<Engine, AppError> {
         let masker = Masker::from_config(&config.masking)?.map(Arc::new);
         let url = config.database.resolved_url()?;
         let store = store::connect(&url, &config.database).await?;
-        let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
         // The first attempt runs in a task of its own: when it outlasts FIRST_ATTEMPT
         // (a database that does not answer, or a long migration) start-up goes on and
         // the background task waits for that same attempt rather than cancelling it.
@@ -113,32 +112,101 @@ impl Application {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
         };
-        let logger = start_pipeline(&config, store.clone(), masker.clone(), not_ready.as_ref()).await?;
-        let stop_startup = CancellationToken::new();
+        let logger = start_pipeline(config, store.clone(), masker.clone(), not_ready.as_ref()).await?;
+        let stop = CancellationToken::new();
         let startup = match not_ready {
             None => {
-                tracing::info!(migrate, "database ready");
+                tracing::info!(migrate, database = %redact_url(&url), "database ready");
                 None
             }
             Some(reason) => {
                 tracing::warn!(
                     reason = %reason,
+                    database = %redact_url(&url),
                     spool = logger.has_spool(),
-                    "database not ready at start-up; serving anyway, retrying in the background"
+                    "database not ready at start-up; going on anyway, retrying in the background"
                 );
-                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop_startup.clone());
+                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop.clone());
                 Some(tokio::spawn(task))
             }
         };
-        let retention = start_retention(&config, &store, &stop_startup)?;
-        tracing::info!(
-            address = %listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?,
-            database = %redact_url(&url),
-            "opsagent-audit listening"
-        );
-        let state = AppState::new(logger, store, config, masker, auth);
-        tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
-        Ok(Application { listener, state, startup, retention, stop_startup })
+        Ok(Engine { logger, store, masker, startup, stop })
+    }
+
+    /// The pipeline to log through. Cheap to clone.
+    pub fn logger(&self) -> AuditLogger {
+        self.logger.clone()
+    }
+
+    /// The store records are written to and read from.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Stops the start-up retries, drains the pipeline (writing what it can within
+    /// `deadline`, spooling the rest) and closes the store.
+    pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
+        self.stop.cancel();
+        if let Some(startup) = self.startup {
+            let _ = startup.await;
+        }
+        let report = self.logger.shutdown(deadline).await;
+        self.store.close().await;
+        if report.abandoned > 0 {
+            tracing::error!(
+                abandoned = report.abandoned,
+                "shutdown dropped records it could neither write nor spool before its deadline"
+            );
+        } else if !report.drained {
+            tracing::warn!(
+                spooled = report.stats.spool_records,
+                "records left unwritten at shutdown (database unavailable, or the deadline passed) are in the spool; \
+                 the next start writes them"
+            );
+        }
+        report
+    }
+}
+
+/// A built service: bound, pipeline running, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    engine: Engine,
+    /// The daily retention run (`audit.retention.auto_cleanup`).
+    retention: Option<JoinHandle<()>>,
+    /// Stops the background tasks (retention, database size sampling) at shutdown.
+    stop_tasks: CancellationToken,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("address", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Binds the listener and starts the [`Engine`]. Returns without waiting for the
+    /// database when it does not answer at once.
+    pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
+        let listen = config.server.listen;
+        let auth = Authenticator::new(&config.auth, &config.limits, |var| std::env::var(var).ok())?;
+        if !listen.ip().is_loopback() && !insecure && !auth.is_enabled() {
+            return Err(AppError::Unprotected(listen));
+        }
+        // Checked before anything starts, so a bad schedule does not leave a pipeline
+        // running behind an error.
+        let schedule = retention_schedule(&config)?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
+        let address = listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?;
+        let engine = Engine::start(&config).await?;
+        let stop_tasks = CancellationToken::new();
+        let retention =
+            schedule.map(|s| spawn_scheduler(engine.store(), config.retention.clone(), s, stop_tasks.clone()));
+        tracing::info!(address = %address, "opsagent-audit listening");
+        let state = AppState::new(engine.logger(), engine.store(), config, engine.masker.clone(), auth);
+        tokio::spawn(sample_database_size(state.clone(), stop_tasks.clone()));
+        Ok(Application { listener, state, engine, retention, stop_tasks })
     }
 
     /// The address the server listens on (the real port when configured with port 0).
@@ -164,34 +232,16 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
-        let Application { listener, state, startup, retention, stop_startup } = self;
-        let (logger, store) = (state.logger.clone(), state.store.clone());
+        let Application { listener, state, engine, retention, stop_tasks } = self;
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
         serve::serve(listener, router(state), &limits, shutdown).await;
         tracing::info!("stopped accepting requests; draining the audit pipeline");
-        stop_startup.cancel();
-        if let Some(startup) = startup {
-            let _ = startup.await;
-        }
+        stop_tasks.cancel();
         if let Some(retention) = retention {
             let _ = retention.await;
         }
-        let report = logger.shutdown(shutdown_timeout).await;
-        store.close().await;
-        if report.abandoned > 0 {
-            tracing::error!(
-                abandoned = report.abandoned,
-                "shutdown dropped records it could neither write nor spool before its deadline"
-            );
-        } else if !report.drained {
-            tracing::warn!(
-                spooled = report.stats.spool_records,
-                "records left unwritten at shutdown (database unavailable, or the deadline passed) are in the spool; \
-                 the next start writes them"
-            );
-        }
-        Ok(report)
+        Ok(engine.shutdown(shutdown_timeout).await)
     }
 }
 
@@ -229,13 +279,9 @@ async fn start_pipeline(
     Ok(builder.start())
 }
 
-/// Starts the daily retention task when `audit.retention.auto_cleanup` is on (and
-/// `days` is not 0, which keeps everything).
-fn start_retention(
-    config: &Config,
-    store: &Arc<dyn Store>,
-    stop: &CancellationToken,
-) -> Result<Option<JoinHandle<()>>, AppError> {
+/// The daily retention schedule, when `audit.retention.auto_cleanup` is on (and `days`
+/// is not 0, which keeps everything).
+fn retention_schedule(config: &Config) -> Result<Option<Schedule>, AppError> {
     let retention = &config.retention;
     if !retention.auto_cleanup {
         return Ok(None);
@@ -244,8 +290,7 @@ fn start_retention(
         tracing::warn!("audit.retention.auto_cleanup is on but retention.days is 0 (keep forever): no clean-up runs");
         return Ok(None);
     }
-    let schedule = Schedule::from_config(retention)?;
-    Ok(Some(spawn_scheduler(store.clone(), retention.clone(), schedule, stop.clone())))
+    Ok(Some(Schedule::from_config(retention)?))
 }
 
 /// What a [`prepare_database`] task came to, a task that died counting as a failure.

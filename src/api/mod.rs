@@ -29,7 +29,7 @@ pub mod metrics;
 mod read;
 mod serve;
 
-pub use app::{AppError, Application};
+pub use app::{AppError, Application, Engine};
 pub use auth::{AuthError, Authenticator, Caller};
 pub use error::{ApiError, ErrorBody};
 pub use ingest::{IngestResponse, RecordResult, RecordStatus};

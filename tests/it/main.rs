@@ -11,6 +11,7 @@ mod doctor;
 mod export;
 mod fault;
 mod ingest_http;
+mod layer;
 mod limits;
 mod metrics;
 mod pg_cluster;
