@@ -23,6 +23,7 @@ use crate::store::Store;
 
 mod app;
 pub mod auth;
+pub mod dashboard;
 mod error;
 mod ingest;
 pub mod metrics;
@@ -107,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .merge(read)
         .merge(admin)
         .merge(metrics)
+        .merge(dashboard::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

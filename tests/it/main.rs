@@ -7,6 +7,7 @@ mod common;
 
 mod chain;
 mod cli;
+mod dashboard;
 mod doctor;
 mod export;
 mod fault;
