@@ -5,8 +5,11 @@
 //! [`pipeline`] (queue, batching writers, spool) → [`store`] (PostgreSQL or SQLite).
 //! Reads go [`api`] → [`query`] → [`store`]; exports are encoded by [`export`].
 //!
-//! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`] and
-//! [`layer`] → [`ingest`], [`query`], [`retention`] and [`export`] → [`pipeline`] →
+//! The auditing reverse proxy ([`proxy`]) captures an unmodified OpsAgent's exchanges
+//! into the same pipeline.
+//!
+//! Dependencies point down only: [`cli`] and [`bench`](mod@bench) → [`api`], [`proxy`]
+//! and [`layer`] → [`ingest`], [`query`], [`retention`] and [`export`] → [`pipeline`] →
 //! [`store`] → [`model`] and [`config`] ([`retention`] uses [`export`]'s Parquet encoder
 //! beside it). [`doctor`] sits above [`pipeline`] (it reads the spool's files) and
 //! [`store`].
@@ -24,6 +27,7 @@ pub mod layer;
 pub mod mask;
 pub mod model;
 pub mod pipeline;
+pub mod proxy;
 pub mod query;
 pub mod retention;
 pub mod store;

@@ -26,6 +26,7 @@ use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
+use crate::proxy::{Proxy, ProxyError, ProxyStats};
 use crate::retention::{spawn_scheduler, Schedule};
 use crate::store::{self, Store, StoreError};
 
@@ -61,6 +62,9 @@ pub enum AppError {
     /// The spool directory could not be opened.
     #[error("opening the spool")]
     Spool(#[from] SpoolError),
+    /// The auditing proxy could not start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// The listen address could not be bound.
     #[error("binding {addr}")]
     Bind {
@@ -177,6 +181,8 @@ pub struct Application {
     retention: Option<JoinHandle<()>>,
     /// Stops the background tasks (retention, database size sampling) at shutdown.
     stop_tasks: CancellationToken,
+    /// The auditing proxy, when `audit.proxy.upstream` is set.
+    proxy: Option<Proxy>,
 }
 
 impl std::fmt::Debug for Application {
@@ -203,10 +209,24 @@ impl Application {
         let stop_tasks = CancellationToken::new();
         let retention =
             schedule.map(|s| spawn_scheduler(engine.store(), config.retention.clone(), s, stop_tasks.clone()));
+        let proxy = Proxy::bind(&config, engine.logger(), |var| std::env::var(var).ok()).await?;
         tracing::info!(address = %address, "opsagent-audit listening");
-        let state = AppState::new(engine.logger(), engine.store(), config, engine.masker.clone(), auth);
+        let mut state = AppState::new(engine.logger(), engine.store(), config, engine.masker.clone(), auth);
+        if let (Some(proxy), Some(metrics)) = (&proxy, Arc::get_mut(&mut state.metrics)) {
+            metrics.register_proxy(proxy.stats());
+        }
         tokio::spawn(sample_database_size(state.clone(), stop_tasks.clone()));
-        Ok(Application { listener, state, engine, retention, stop_tasks })
+        Ok(Application { listener, state, engine, retention, stop_tasks, proxy })
+    }
+
+    /// The address the auditing proxy listens on, when it runs.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(Proxy::local_addr)
+    }
+
+    /// The auditing proxy's counters, when it runs.
+    pub fn proxy_stats(&self) -> Option<Arc<ProxyStats>> {
+        self.proxy.as_ref().map(Proxy::stats)
     }
 
     /// The address the server listens on (the real port when configured with port 0).
@@ -226,16 +246,31 @@ impl Application {
 
     /// Serves (within the connection limits of `audit.limits`, see [`serve`]) until
     /// `shutdown` resolves, then stops accepting connections, lets in-flight requests
-    /// finish, drains the pipeline (within `audit.async.shutdown_timeout`) and closes the
-    /// store.
+    /// finish (proxied ones for up to `audit.async.shutdown_timeout`, then they are cut
+    /// and recorded `cancelled`), drains the pipeline (within
+    /// `audit.async.shutdown_timeout`) and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
-        let Application { listener, state, engine, retention, stop_tasks } = self;
+        let Application { listener, state, engine, retention, stop_tasks, proxy } = self;
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
-        serve::serve(listener, router(state), &limits, shutdown).await;
+        // One signal stops both listeners; the proxy's records reach the pipeline before
+        // it drains.
+        let stop = CancellationToken::new();
+        let signal = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            signal.cancel();
+        });
+        let proxy = proxy.map(|p| tokio::spawn(p.run_until(stop.clone().cancelled_owned(), shutdown_timeout)));
+        serve::serve(listener, router(state), &limits, stop.cancelled_owned()).await;
+        if let Some(proxy) = proxy {
+            if let Err(e) = proxy.await {
+                tracing::error!(error = %e, "the auditing proxy's task failed");
+            }
+        }
         tracing::info!("stopped accepting requests; draining the audit pipeline");
         stop_tasks.cancel();
         if let Some(retention) = retention {

@@ -99,6 +99,14 @@ pub struct ServeArgs {
     /// Allow listening beyond loopback without API tokens.
     #[arg(long)]
     pub insecure: bool,
+    /// Run the auditing proxy in front of the OpsAgent at this URL (`http://host:port`);
+    /// overrides `audit.proxy.upstream`.
+    #[arg(long, value_name = "URL")]
+    pub proxy_upstream: Option<String>,
+    /// Address the auditing proxy listens on [default: 127.0.0.1:8428]; overrides
+    /// `audit.proxy.listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<SocketAddr>,
 }
 
 /// `bench` subcommands.
@@ -142,11 +150,11 @@ impl Command {
 impl Cli {
     /// Loads the configuration these arguments point at.
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        let listen = match &self.command {
-            Command::Serve(args) => args.listen,
-            _ => None,
+        let (listen, proxy_upstream, proxy_listen) = match &self.command {
+            Command::Serve(args) => (args.listen, args.proxy_upstream.clone(), args.proxy_listen),
+            _ => (None, None, None),
         };
-        let overrides = CliOverrides { database_url: self.database_url.clone(), listen };
+        let overrides = CliOverrides { database_url: self.database_url.clone(), listen, proxy_upstream, proxy_listen };
         let mut config = Config::load(self.config.as_deref(), &overrides).context("loading configuration")?;
         if let Some(format) = self.log_format {
             config.server.log_format = format;

@@ -1,0 +1,277 @@
+//! Capturing an audited exchange while it streams through, and recording it once it
+//! ends.
+//!
+//! Bodies are never held back: [`Tee`] (the request) and [`Audited`] (the response)
+//! pass each frame on as it comes and copy it into a capture buffer up to
+//! `audit.limits.max_body_bytes`. The record is built when the response body ends, fails,
+//! or is dropped unfinished (the client went away), by [`Pending`], which is also what
+//! records an exchange that never got an answer: its `Drop` is the one place a forgotten
+//! exchange would otherwise be lost.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body::{Body, Frame, SizeHint};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::identity::User;
+use super::ProxyStats;
+use crate::ingest::opsagent::{map_exchange, Captured, Ending, Exchange};
+use crate::pipeline::AuditLogger;
+
+/// The first bytes of a body, up to a limit.
+#[derive(Debug, Default)]
+pub struct Capture {
+    bytes: Vec<u8>,
+    limit: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    /// An empty capture keeping at most `limit` bytes.
+    pub fn new(limit: usize) -> Capture {
+        Capture { bytes: Vec::new(), limit, truncated: false }
+    }
+
+    /// Keeps what fits of `data`.
+    pub fn push(&mut self, data: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// What was kept.
+    pub fn captured(&self) -> Captured<'_> {
+        Captured { bytes: &self.bytes, truncated: self.truncated }
+    }
+}
+
+/// What the proxy knows of an audited request besides its bodies.
+#[derive(Debug)]
+pub struct RequestInfo {
+    /// The path.
+    pub path: String,
+    /// The query string as the client sent it.
+    pub query: Option<String>,
+    /// The request's session (cookie, or a new one).
+    pub session_id: Uuid,
+    /// Who asked.
+    pub user: User,
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// The client's `User-Agent`.
+    pub user_agent: Option<String>,
+    /// When the request arrived.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An audited exchange not yet recorded.
+pub struct Pending {
+    logger: AuditLogger,
+    stats: Arc<ProxyStats>,
+    info: RequestInfo,
+    request: Arc<Mutex<Capture>>,
+    /// When the request was sent to the agent.
+    sent: Instant,
+    /// Milliseconds until the agent's response head.
+    head_ms: Option<i64>,
+    recorded: bool,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("path", &self.info.path).field("recorded", &self.recorded).finish()
+    }
+}
+
+impl Pending {
+    /// An exchange about to be sent upstream; its request body is captured into
+    /// `request` (by a [`Tee`]).
+    pub fn new(logger: AuditLogger, stats: Arc<ProxyStats>, info: RequestInfo, request: Arc<Mutex<Capture>>) -> Self {
+        Pending { logger, stats, info, request, sent: Instant::now(), head_ms: None, recorded: false }
+    }
+
+    /// The agent's response head arrived.
+    pub fn answered(&mut self) {
+        self.head_ms = Some(self.sent.elapsed().as_millis() as i64);
+    }
+
+    /// Builds the record of the exchange ended by `ending` and logs it (once).
+    pub fn record(&mut self, ending: Ending<'_>) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let total_ms = self.sent.elapsed().as_millis() as i64;
+        let request = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        let info = &self.info;
+        let mut record = map_exchange(&Exchange {
+            path: &info.path,
+            query: info.query.as_deref(),
+            request: request.captured(),
+            ending,
+        });
+        drop(request);
+        record.session_id = info.session_id;
+        record.user_id = info.user.user_id.clone();
+        record.client_ip = Some(info.client_ip.to_string());
+        record.user_agent = info.user_agent.clone();
+        record.created_at = info.created_at;
+        record.total_duration_ms = Some(total_ms);
+        if let Some(head_ms) = self.head_ms {
+            record.metrics.insert("upstream_headers_ms".into(), head_ms);
+        }
+        record.attributes.insert("source".into(), Value::from("proxy"));
+        if let Some(claimed) = &info.user.unverified {
+            record.attributes.insert("user_unverified".into(), Value::from(claimed.as_str()));
+        }
+        self.stats.record(record.status);
+        tracing::debug!(path = %info.path, status = %record.status, total_ms, "proxied exchange recorded");
+        self.logger.log(record);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Dropped before an ending was recorded: hyper dropped the request's future,
+        // which it does when the client goes away.
+        self.record(Ending::ClientGone);
+    }
+}
+
+/// A request body on its way to the agent, copied into a shared capture.
+pub struct Tee<B> {
+    inner: B,
+    capture: Arc<Mutex<Capture>>,
+}
+
+impl<B> Tee<B> {
+    /// Passes `inner` on, copying into `capture`.
+    pub fn new(inner: B, capture: Arc<Mutex<Capture>>) -> Self {
+        Tee { inner, capture }
+    }
+}
+
+impl<B> Body for Tee<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.capture.lock().unwrap_or_else(|p| p.into_inner()).push(data);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body on its way to the client, captured, its exchange recorded when it
+/// ends: completely (`Answered`), with an error of the agent's side, or dropped early
+/// (the client went away).
+pub struct Audited<B> {
+    inner: B,
+    status: u16,
+    capture: Capture,
+    pending: Option<Pending>,
+}
+
+impl<B> Audited<B> {
+    /// Passes `inner` (the body of an answer with `status`) on, recording `pending` when
+    /// it ends. `capture` may already hold the body's first bytes.
+    pub fn new(inner: B, status: u16, capture: Capture, pending: Pending) -> Self {
+        Audited { inner, status, capture, pending: Some(pending) }
+    }
+
+    /// Records the exchange: complete (`interrupted` `None`), or cut for this reason
+    /// (`true`: the client went away).
+    fn end(&mut self, interrupted: Option<(bool, &str)>) {
+        let Some(mut pending) = self.pending.take() else { return };
+        let (status, body) = (self.status, self.capture.captured());
+        pending.record(match interrupted {
+            None => Ending::Answered { status, body },
+            Some((client_gone, reason)) => Ending::Interrupted { status, body, client_gone, reason },
+        });
+    }
+}
+
+impl<B> Body for Audited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.capture.push(data);
+                }
+                if self.inner.is_end_stream() {
+                    self.end(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = format!("the agent's answer failed while streaming: {e}");
+                self.end(Some((false, &reason)));
+            }
+            Poll::Ready(None) => self.end(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Audited<B> {
+    fn drop(&mut self) {
+        if self.pending.is_some() {
+            self.end(Some((true, "the client went away before the answer was complete")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_keeps_its_limit_and_says_it_was_cut() {
+        let mut c = Capture::new(5);
+        c.push(b"abc");
+        assert!(!c.captured().truncated);
+        c.push(b"defg");
+        assert_eq!((c.captured().bytes, c.captured().truncated), (&b"abcde"[..], true));
+        c.push(b"h");
+        assert_eq!(c.captured().bytes, b"abcde");
+    }
+}
