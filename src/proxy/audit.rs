@@ -146,16 +146,20 @@ impl Drop for Pending {
     }
 }
 
-/// A request body on its way to the agent, copied into a shared capture.
+/// A request body on its way to the agent, copied into a shared capture. When the
+/// agent is not reached, the client dropped nothing: what the agent never read is handed
+/// back through `unread`, so the record still gets the question.
 pub struct Tee<B> {
-    inner: B,
+    inner: Option<B>,
     capture: Arc<Mutex<Capture>>,
+    unread: Arc<Mutex<Option<B>>>,
 }
 
 impl<B> Tee<B> {
-    /// Passes `inner` on, copying into `capture`.
-    pub fn new(inner: B, capture: Arc<Mutex<Capture>>) -> Self {
-        Tee { inner, capture }
+    /// Passes `inner` on, copying into `capture`; a rest not read goes to `unread` when
+    /// the tee is dropped.
+    pub fn new(inner: B, capture: Arc<Mutex<Capture>>, unread: Arc<Mutex<Option<B>>>) -> Self {
+        Tee { inner: Some(inner), capture, unread }
     }
 }
 
@@ -167,7 +171,8 @@ where
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 self.capture.lock().unwrap_or_else(|p| p.into_inner()).push(data);
@@ -177,12 +182,43 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
     }
+}
+
+impl<B> Drop for Tee<B> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            *self.unread.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner);
+        }
+    }
+}
+
+/// Reads into `capture` what of a request body the agent did not (it was not reached),
+/// for at most `within`: the client is waiting for its answer and sends it anyway.
+pub async fn read_unread<B>(unread: &Mutex<Option<B>>, capture: &Mutex<Capture>, within: std::time::Duration)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let Some(mut body) = unread.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+    let limit = capture.lock().unwrap_or_else(|p| p.into_inner()).limit;
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+                capture.push(data);
+                if capture.bytes.len() >= limit {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
 }
 
 /// A response body on its way to the client, captured, its exchange recorded when it

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
-use super::audit::{Audited, Capture, Pending, RequestInfo, Tee};
+use super::audit::{read_unread, Audited, Capture, Pending, RequestInfo, Tee};
 use super::identity::{session, session_cookie, Identity};
 use super::strip::without_trace;
 use super::{BoxError, ProxyBody, ProxyStats};
@@ -34,6 +34,9 @@ use crate::pipeline::AuditLogger;
 const SHOW_THOUGHT: &str = "show-thought";
 /// Longest wait for a TCP connection to the agent (within the upstream timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the rest of a request body the agent did not read (it was down),
+/// so the record has the question.
+const UNREAD_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1; plus the
 /// old `Proxy-Connection`).
@@ -187,8 +190,9 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers, false);
         parts.headers.remove(header::HOST);
         let request_capture = Arc::new(Mutex::new(Capture::new(self.max_body_bytes)));
-        let body = Tee::new(body, request_capture.clone()).map_err(Into::into).boxed_unsync();
-        let mut pending = Pending::new(self.logger.clone(), self.stats.clone(), info, request_capture);
+        let unread = Arc::new(Mutex::new(None));
+        let body = Tee::new(body, request_capture.clone(), unread.clone()).map_err(Into::into).boxed_unsync();
+        let mut pending = Pending::new(self.logger.clone(), self.stats.clone(), info, request_capture.clone());
         let upstream = Request::from_parts(parts, body);
         let mut response = match tokio::time::timeout(self.upstream_timeout, self.client.request(upstream)).await {
             Ok(Ok(response)) => {
@@ -199,12 +203,14 @@ impl Forwarder {
                 self.stats.upstream_error();
                 tracing::debug!(error = %chain(&e), "the agent could not be reached");
                 let reason = unreachable_reason(&e);
+                read_unread(&unread, &request_capture, UNREAD_BODY_WAIT).await;
                 pending.record(Ending::Unreachable { status: StatusCode::BAD_GATEWAY.as_u16(), reason: &reason });
                 error_response(StatusCode::BAD_GATEWAY, &reason)
             }
             Err(_) => {
                 self.stats.upstream_timeout();
                 let reason = self.timeout_reason();
+                read_unread(&unread, &request_capture, UNREAD_BODY_WAIT).await;
                 pending.record(Ending::TimedOut { status: StatusCode::GATEWAY_TIMEOUT.as_u16(), reason: &reason });
                 error_response(StatusCode::GATEWAY_TIMEOUT, &reason)
             }

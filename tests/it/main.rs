@@ -17,6 +17,7 @@ mod limits;
 mod metrics;
 mod pg_cluster;
 mod pipeline;
+mod proxy;
 mod query;
 mod retention;
 mod security;
