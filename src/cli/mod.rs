@@ -127,6 +127,9 @@ pub enum BenchCommand {
     /// Retention at scale (PostgreSQL): a batched cleanup of the oldest half of the
     /// data while a producer inserts, with its insert latency against a baseline.
     Retention(crate::bench::RetentionBenchArgs),
+    /// The auditing proxy's overhead: latency calling a stub agent directly and through
+    /// the proxy, in the same run.
+    Proxy(crate::bench::ProxyBenchArgs),
 }
 
 impl Command {
@@ -200,6 +203,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mask(args)) => crate::bench::run_mask(args),
         Command::Bench(BenchCommand::Storage(args)) => crate::bench::run_storage(&config, args).await,
         Command::Bench(BenchCommand::Retention(args)) => crate::bench::run_retention(&config, args).await,
+        Command::Bench(BenchCommand::Proxy(args)) => crate::bench::run_proxy(&config, args).await,
     }
 }
 

@@ -39,6 +39,11 @@ impl Capture {
         Capture { bytes: Vec::new(), limit, truncated: false }
     }
 
+    /// A whole body, already read.
+    pub fn whole(bytes: Vec<u8>) -> Capture {
+        Capture { limit: bytes.len(), bytes, truncated: false }
+    }
+
     /// Keeps what fits of `data`.
     pub fn push(&mut self, data: &[u8]) {
         let room = self.limit.saturating_sub(self.bytes.len());
@@ -73,22 +78,78 @@ pub struct RequestInfo {
     pub created_at: DateTime<Utc>,
 }
 
-/// An audited exchange not yet recorded.
-pub struct Pending {
+/// How an audited exchange ended, owning what was captured (see [`Ending`]).
+#[derive(Debug)]
+pub enum Outcome {
+    /// The whole answer went through.
+    Answered {
+        /// HTTP status.
+        status: u16,
+        /// The answer's body.
+        body: Capture,
+    },
+    /// The answer was cut: the client went away, or the agent's body failed.
+    Interrupted {
+        /// HTTP status.
+        status: u16,
+        /// What of the body went through.
+        body: Capture,
+        /// True when the client went away.
+        client_gone: bool,
+        /// What happened.
+        reason: String,
+    },
+    /// The client went away before the answer began.
+    ClientGone,
+    /// The agent was not reached; answered with `status`.
+    Unreachable {
+        /// The status the client got.
+        status: u16,
+        /// Why.
+        reason: String,
+    },
+    /// The agent did not answer in time; answered with `status`.
+    TimedOut {
+        /// The status the client got.
+        status: u16,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    fn ending(&self) -> Ending<'_> {
+        match self {
+            Outcome::Answered { status, body } => Ending::Answered { status: *status, body: body.captured() },
+            Outcome::Interrupted { status, body, client_gone, reason } => {
+                Ending::Interrupted { status: *status, body: body.captured(), client_gone: *client_gone, reason }
+            }
+            Outcome::ClientGone => Ending::ClientGone,
+            Outcome::Unreachable { status, reason } => Ending::Unreachable { status: *status, reason },
+            Outcome::TimedOut { status, reason } => Ending::TimedOut { status: *status, reason },
+        }
+    }
+}
+
+/// What a record is built from, besides its outcome.
+struct Parts {
     logger: AuditLogger,
     stats: Arc<ProxyStats>,
     info: RequestInfo,
     request: Arc<Mutex<Capture>>,
+    head_ms: Option<i64>,
+}
+
+/// An audited exchange not yet recorded.
+pub struct Pending {
+    parts: Option<Parts>,
     /// When the request was sent to the agent.
     sent: Instant,
-    /// Milliseconds until the agent's response head.
-    head_ms: Option<i64>,
-    recorded: bool,
 }
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("path", &self.info.path).field("recorded", &self.recorded).finish()
+        f.debug_struct("Pending").field("recorded", &self.parts.is_none()).finish()
     }
 }
 
@@ -96,53 +157,66 @@ impl Pending {
     /// An exchange about to be sent upstream; its request body is captured into
     /// `request` (by a [`Tee`]).
     pub fn new(logger: AuditLogger, stats: Arc<ProxyStats>, info: RequestInfo, request: Arc<Mutex<Capture>>) -> Self {
-        Pending { logger, stats, info, request, sent: Instant::now(), head_ms: None, recorded: false }
+        Pending { parts: Some(Parts { logger, stats, info, request, head_ms: None }), sent: Instant::now() }
     }
 
     /// The agent's response head arrived.
     pub fn answered(&mut self) {
-        self.head_ms = Some(self.sent.elapsed().as_millis() as i64);
+        let elapsed = self.sent.elapsed().as_millis() as i64;
+        if let Some(parts) = &mut self.parts {
+            parts.head_ms = Some(elapsed);
+        }
     }
 
-    /// Builds the record of the exchange ended by `ending` and logs it (once).
-    pub fn record(&mut self, ending: Ending<'_>) {
-        if std::mem::replace(&mut self.recorded, true) {
-            return;
-        }
+    /// Records the exchange (once). The record is built and masked on a task of its own,
+    /// so not even the last bytes of an answer wait for it.
+    pub fn record(&mut self, outcome: Outcome) {
+        let Some(parts) = self.parts.take() else { return };
         let total_ms = self.sent.elapsed().as_millis() as i64;
-        let request = self.request.lock().unwrap_or_else(|p| p.into_inner());
-        let info = &self.info;
-        let mut record = map_exchange(&Exchange {
-            path: &info.path,
-            query: info.query.as_deref(),
-            request: request.captured(),
-            ending,
-        });
-        drop(request);
-        record.session_id = info.session_id;
-        record.user_id = info.user.user_id.clone();
-        record.client_ip = Some(info.client_ip.to_string());
-        record.user_agent = info.user_agent.clone();
-        record.created_at = info.created_at;
-        record.total_duration_ms = Some(total_ms);
-        if let Some(head_ms) = self.head_ms {
-            record.metrics.insert("upstream_headers_ms".into(), head_ms);
+        let job = move || build_and_log(parts, &outcome, total_ms);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { job() });
+            }
+            // Outside a runtime (dropped at its end): here and now.
+            Err(_) => job(),
         }
-        record.attributes.insert("source".into(), Value::from("proxy"));
-        if let Some(claimed) = &info.user.unverified {
-            record.attributes.insert("user_unverified".into(), Value::from(claimed.as_str()));
-        }
-        self.stats.record(record.status);
-        tracing::debug!(path = %info.path, status = %record.status, total_ms, "proxied exchange recorded");
-        self.logger.log(record);
     }
+}
+
+fn build_and_log(parts: Parts, outcome: &Outcome, total_ms: i64) {
+    let Parts { logger, stats, info, request, head_ms } = parts;
+    let request = request.lock().unwrap_or_else(|p| p.into_inner());
+    let mut record = map_exchange(&Exchange {
+        path: &info.path,
+        query: info.query.as_deref(),
+        request: request.captured(),
+        ending: outcome.ending(),
+    });
+    drop(request);
+    record.session_id = info.session_id;
+    record.user_id = info.user.user_id;
+    record.client_ip = Some(info.client_ip.to_string());
+    record.user_agent = info.user_agent;
+    record.created_at = info.created_at;
+    record.total_duration_ms = Some(total_ms);
+    if let Some(head_ms) = head_ms {
+        record.metrics.insert("upstream_headers_ms".into(), head_ms);
+    }
+    record.attributes.insert("source".into(), Value::from("proxy"));
+    if let Some(claimed) = info.user.unverified {
+        record.attributes.insert("user_unverified".into(), Value::from(claimed));
+    }
+    stats.record(record.status);
+    tracing::debug!(path = %info.path, status = %record.status, total_ms, "proxied exchange recorded");
+    logger.log(record);
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // Dropped before an ending was recorded: hyper dropped the request's future,
+        // Dropped before an outcome was recorded: hyper dropped the request's future,
         // which it does when the client goes away.
-        self.record(Ending::ClientGone);
+        self.record(Outcome::ClientGone);
     }
 }
 
@@ -224,14 +298,14 @@ where
 /// A response body on its way to the client, captured, its exchange recorded when it
 /// ends: completely (`Answered`), with an error of the agent's side, or dropped early
 /// (the client went away).
-pub struct Audited<B> {
+pub struct Audited<B: Body> {
     inner: B,
     status: u16,
     capture: Capture,
     pending: Option<Pending>,
 }
 
-impl<B> Audited<B> {
+impl<B: Body> Audited<B> {
     /// Passes `inner` (the body of an answer with `status`) on, recording `pending` when
     /// it ends. `capture` may already hold the body's first bytes.
     pub fn new(inner: B, status: u16, capture: Capture, pending: Pending) -> Self {
@@ -240,12 +314,12 @@ impl<B> Audited<B> {
 
     /// Records the exchange: complete (`interrupted` `None`), or cut for this reason
     /// (`true`: the client went away).
-    fn end(&mut self, interrupted: Option<(bool, &str)>) {
+    fn end(&mut self, interrupted: Option<(bool, String)>) {
         let Some(mut pending) = self.pending.take() else { return };
-        let (status, body) = (self.status, self.capture.captured());
+        let (status, body) = (self.status, std::mem::take(&mut self.capture));
         pending.record(match interrupted {
-            None => Ending::Answered { status, body },
-            Some((client_gone, reason)) => Ending::Interrupted { status, body, client_gone, reason },
+            None => Outcome::Answered { status, body },
+            Some((client_gone, reason)) => Outcome::Interrupted { status, body, client_gone, reason },
         });
     }
 }
@@ -265,13 +339,10 @@ where
                 if let Some(data) = frame.data_ref() {
                     self.capture.push(data);
                 }
-                if self.inner.is_end_stream() {
-                    self.end(None);
-                }
             }
             Poll::Ready(Some(Err(e))) => {
                 let reason = format!("the agent's answer failed while streaming: {e}");
-                self.end(Some((false, &reason)));
+                self.end(Some((false, reason)));
             }
             Poll::Ready(None) => self.end(None),
             Poll::Pending => {}
@@ -288,10 +359,16 @@ where
     }
 }
 
-impl<B> Drop for Audited<B> {
+impl<B: Body> Drop for Audited<B> {
     fn drop(&mut self) {
         if self.pending.is_some() {
-            self.end(Some((true, "the client went away before the answer was complete")));
+            // hyper stops polling once the body says it has ended and drops it: that is
+            // a complete answer, not a client gone.
+            if self.inner.is_end_stream() {
+                self.end(None);
+            } else {
+                self.end(Some((true, "the client went away before the answer was complete".into())));
+            }
         }
     }
 }

@@ -23,11 +23,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
-use super::audit::{read_unread, Audited, Capture, Pending, RequestInfo, Tee};
+use super::audit::{read_unread, Audited, Capture, Outcome, Pending, RequestInfo, Tee};
 use super::identity::{session, session_cookie, Identity};
 use super::strip::without_trace;
 use super::{BoxError, ProxyBody, ProxyStats};
-use crate::ingest::opsagent::{Captured, Ending};
 use crate::pipeline::AuditLogger;
 
 /// The query parameter asking the agent for its trace.
@@ -204,15 +203,17 @@ impl Forwarder {
                 tracing::debug!(error = %chain(&e), "the agent could not be reached");
                 let reason = unreachable_reason(&e);
                 read_unread(&unread, &request_capture, UNREAD_BODY_WAIT).await;
-                pending.record(Ending::Unreachable { status: StatusCode::BAD_GATEWAY.as_u16(), reason: &reason });
-                error_response(StatusCode::BAD_GATEWAY, &reason)
+                let response = error_response(StatusCode::BAD_GATEWAY, &reason);
+                pending.record(Outcome::Unreachable { status: StatusCode::BAD_GATEWAY.as_u16(), reason });
+                response
             }
             Err(_) => {
                 self.stats.upstream_timeout();
                 let reason = self.timeout_reason();
                 read_unread(&unread, &request_capture, UNREAD_BODY_WAIT).await;
-                pending.record(Ending::TimedOut { status: StatusCode::GATEWAY_TIMEOUT.as_u16(), reason: &reason });
-                error_response(StatusCode::GATEWAY_TIMEOUT, &reason)
+                let response = error_response(StatusCode::GATEWAY_TIMEOUT, &reason);
+                pending.record(Outcome::TimedOut { status: StatusCode::GATEWAY_TIMEOUT.as_u16(), reason });
+                response
             }
         };
         if new_session {
@@ -262,16 +263,21 @@ impl Forwarder {
                 }
                 Some(Err(e)) => {
                     let reason = format!("the agent's answer failed while being read: {e}");
-                    pending.record(Ending::Unreachable { status: StatusCode::BAD_GATEWAY.as_u16(), reason: &reason });
-                    return error_response(StatusCode::BAD_GATEWAY, &reason);
+                    let response = error_response(StatusCode::BAD_GATEWAY, &reason);
+                    pending.record(Outcome::Unreachable { status: StatusCode::BAD_GATEWAY.as_u16(), reason });
+                    return response;
                 }
                 None => break,
             }
         }
-        pending.record(Ending::Answered { status, body: Captured::whole(&buffer) });
-        let stripped = match without_trace(&buffer) {
-            Some(stripped) => stripped,
+        let stripped = without_trace(&buffer);
+        let stripped = match stripped {
+            Some(stripped) => {
+                pending.record(Outcome::Answered { status, body: Capture::whole(buffer) });
+                stripped
+            }
             None => {
+                pending.record(Outcome::Answered { status, body: Capture::whole(buffer.clone()) });
                 self.stats.trace_kept();
                 tracing::warn!("an answer with the trace is not a JSON object: forwarded as it is");
                 buffer

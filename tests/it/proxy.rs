@@ -307,6 +307,8 @@ async fn an_execute_exchange_is_recorded_field_by_field(db: &TestDb) {
     let response = client
         .post(app.url("/api/execute"))
         .header("cookie", format!("theme=dark; session_id={session}"))
+        // The same browser: PostgreSQL keeps client and user agent per session.
+        .header("user-agent", "opsagent-web/1.0")
         .json(&execute_body("and now?"))
         .send()
         .await
