@@ -23,6 +23,7 @@ use super::auth::Refusal;
 use super::AppState;
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, StatsSnapshot};
+use crate::proxy::ProxyStats;
 
 /// Label of the auth failure counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +114,17 @@ impl Metrics {
         registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
         registry.register_collector(Box::new(PipelineCollector { logger, masker }));
         Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes }
+    }
+
+    /// Reports the auditing proxy's counters and upstream durations too.
+    pub fn register_proxy(&mut self, stats: Arc<ProxyStats>) {
+        self.registry.register_with_unit(
+            "proxy_upstream_duration",
+            "Time from sending an audited request to the agent to the end of its answer",
+            Unit::Seconds,
+            stats.upstream_seconds.clone(),
+        );
+        self.registry.register_collector(Box::new(ProxyCollector { stats }));
     }
 
     /// Counts a refused request.
@@ -220,6 +232,56 @@ impl Collector for PipelineCollector {
                 ConstCounter::new(value).encode(family.encode_family(&[("rule", rule.as_str())])?)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// Reads the auditing proxy's counters at each scrape.
+#[derive(Debug)]
+struct ProxyCollector {
+    stats: Arc<ProxyStats>,
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        let requests = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "proxy_requests",
+            "Requests through the auditing proxy: audited ones by how they ended, the others forwarded",
+            None,
+            requests.metric_type(),
+        )?;
+        for (audited, outcome, counter) in [
+            ("true", "success", &s.audited_success),
+            ("true", "error", &s.audited_error),
+            ("true", "timeout", &s.audited_timeout),
+            ("true", "cancelled", &s.audited_cancelled),
+            ("false", "forwarded", &s.forwarded),
+        ] {
+            ConstCounter::new(counter.load(Relaxed))
+                .encode(family.encode_family(&[("audited", audited), ("outcome", outcome)])?)?;
+        }
+        drop(family);
+        let failures = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "proxy_upstream_failures",
+            "Requests the agent was not reached for (502) or did not answer in time (504)",
+            None,
+            failures.metric_type(),
+        )?;
+        for (kind, counter) in [("unreachable", &s.upstream_errors), ("timeout", &s.upstream_timeouts)] {
+            ConstCounter::new(counter.load(Relaxed)).encode(family.encode_family(&[("kind", kind)])?)?;
+        }
+        drop(family);
+        let kept = ConstCounter::new(s.trace_kept.load(Relaxed));
+        kept.encode(encoder.encode_descriptor(
+            "proxy_trace_kept",
+            "Answers forwarded with a trace the client did not ask for (over audit.limits.max_body_bytes, or not JSON)",
+            None,
+            kept.metric_type(),
+        )?)?;
         Ok(())
     }
 }

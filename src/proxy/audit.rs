@@ -202,6 +202,7 @@ fn build_and_log(parts: Parts, outcome: &Outcome, total_ms: i64) {
     record.total_duration_ms = Some(total_ms);
     if let Some(head_ms) = head_ms {
         record.metrics.insert("upstream_headers_ms".into(), head_ms);
+        stats.upstream_seconds.observe(total_ms as f64 / 1000.0);
     }
     record.attributes.insert("source".into(), Value::from("proxy"));
     if let Some(claimed) = info.user.unverified {

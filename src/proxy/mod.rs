@@ -34,6 +34,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
 use crate::config::{redact_url, Config};
 use crate::model::Status;
 use crate::pipeline::AuditLogger;
@@ -72,8 +74,8 @@ pub enum ProxyError {
     },
 }
 
-/// What the proxy counted.
-#[derive(Debug, Default)]
+/// What the proxy counted (reported by `/metrics`).
+#[derive(Debug)]
 pub struct ProxyStats {
     /// Requests forwarded without a record (other paths and methods, upgrades).
     pub forwarded: AtomicU64,
@@ -92,6 +94,25 @@ pub struct ProxyStats {
     /// Answers forwarded with a trace the client did not ask for (too large to
     /// rewrite, or not JSON).
     pub trace_kept: AtomicU64,
+    /// Time from sending an audited request to the end of the agent's answer, seconds.
+    pub upstream_seconds: Histogram,
+}
+
+impl Default for ProxyStats {
+    fn default() -> Self {
+        ProxyStats {
+            forwarded: AtomicU64::new(0),
+            audited_success: AtomicU64::new(0),
+            audited_error: AtomicU64::new(0),
+            audited_timeout: AtomicU64::new(0),
+            audited_cancelled: AtomicU64::new(0),
+            upstream_errors: AtomicU64::new(0),
+            upstream_timeouts: AtomicU64::new(0),
+            trace_kept: AtomicU64::new(0),
+            // 5 ms to ~6 min: agent calls last seconds to minutes.
+            upstream_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 17)),
+        }
+    }
 }
 
 impl ProxyStats {

@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::server::ServerBuilder;
-use crate::common::{fast_config, free_port, wait_for_count, TestDb};
+use crate::common::{fast_config, free_port, scrape_metrics, wait_for_count, TestDb};
 
 both_backends! {
     an_execute_exchange_is_recorded_field_by_field,
@@ -216,6 +216,8 @@ async fn start_agent() -> (String, Arc<Agent>) {
 struct ProxyApp {
     /// `http://127.0.0.1:PORT` of the proxy.
     proxy: String,
+    /// `http://127.0.0.1:PORT` of the API.
+    api: String,
     store: Arc<dyn Store>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -244,13 +246,14 @@ async fn spawn_proxy(db: &TestDb, upstream: &str, configure: impl FnOnce(&mut Co
     configure(&mut config);
     let app = Application::build(config, false).await.expect("build the application");
     let proxy = format!("http://{}", app.proxy_addr().expect("the proxy runs"));
+    let api = format!("http://{}", app.local_addr());
     let store = app.store();
     let stop = CancellationToken::new();
     let signal = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         app.run_until(signal).await.expect("serve");
     });
-    ProxyApp { proxy, store, stop, server, _spool: spool }
+    ProxyApp { proxy, api, store, stop, server, _spool: spool }
 }
 
 /// Every stored record, oldest first.
@@ -540,6 +543,12 @@ async fn an_agent_that_is_down_or_too_slow_is_answered_and_recorded() {
     let r = &records(&*app.store).await[0];
     assert_eq!((r.status, r.http_status, r.question.as_str()), (Status::Error, Some(502), "is anyone there?"));
     assert!(r.error.as_deref().is_some_and(|e| e.contains("could not be reached")), "{:?}", r.error);
+    let metrics = client.get(format!("{}/metrics", app.api)).send().await.unwrap().text().await.unwrap();
+    let metrics = scrape_metrics(&metrics);
+    let get = |name: &str| metrics.get(name).copied().unwrap_or_else(|| panic!("no {name} in {metrics:?}"));
+    assert_eq!(get(r#"opsagent_audit_proxy_requests_total{audited="true",outcome="error"}"#), 1.0);
+    assert_eq!(get(r#"opsagent_audit_proxy_requests_total{audited="false",outcome="forwarded"}"#), 1.0);
+    assert_eq!(get(r#"opsagent_audit_proxy_upstream_failures_total{kind="unreachable"}"#), 2.0);
     app.stop().await;
 
     // Slow: the agent never answers within the timeout.
