@@ -103,6 +103,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The auditing reverse proxy in front of an OpsAgent.
     pub proxy: ProxyConfig,
+    /// The OpenTelemetry trace receiver (`POST /v1/traces`).
+    pub otlp: OtlpConfig,
 }
 
 impl Default for Config {
@@ -118,6 +120,7 @@ impl Default for Config {
             masking: MaskingConfig::default(),
             auth: AuthConfig::default(),
             proxy: ProxyConfig::default(),
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -486,6 +489,37 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `audit.otlp`: the OTLP/HTTP receiver, which assembles the spans of one trace into one
+/// interaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Serve `POST /v1/traces` and `POST /v1/logs` (404 when off).
+    pub enabled: bool,
+    /// A trace is audited once its root span has arrived and no span of it came for this
+    /// long (children and the root of one trace often arrive in separate exports).
+    #[serde(with = "humantime_serde_req")]
+    pub quiet_period: Duration,
+    /// A trace whose root never comes is audited this long after its first span, marked
+    /// incomplete (`attributes.otlp.incomplete`).
+    #[serde(with = "humantime_serde_req")]
+    pub trace_timeout: Duration,
+    /// Most spans held while their trace is incomplete; beyond, exports are answered
+    /// `503` with `Retry-After` (nothing is dropped).
+    pub max_pending_spans: usize,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            enabled: true,
+            quiet_period: Duration::from_secs(2),
+            trace_timeout: Duration::from_secs(300),
+            max_pending_spans: 100_000,
+        }
+    }
+}
+
 /// `audit.masking`: what is replaced in a record's text before it is queued, spooled or
 /// stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -741,6 +775,11 @@ impl Config {
                     message: "must name a directory (or set audit.spool.enabled: false)".into(),
                 });
             }
+        }
+        if self.otlp.enabled {
+            positive("otlp.quiet_period", self.otlp.quiet_period.as_millis() as u64)?;
+            positive("otlp.trace_timeout", self.otlp.trace_timeout.as_millis() as u64)?;
+            positive("otlp.max_pending_spans", self.otlp.max_pending_spans as u64)?;
         }
         self.validate_masking()?;
         self.validate_auth()?;

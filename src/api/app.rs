@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
+use crate::ingest::otlp::{OtlpReceiver, ReceiverError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::proxy::{Proxy, ProxyError, ProxyStats};
@@ -65,6 +66,9 @@ pub enum AppError {
     /// The auditing proxy could not start.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The OTLP receiver's journal could not be opened.
+    #[error(transparent)]
+    Otlp(#[from] ReceiverError),
     /// The listen address could not be bound.
     #[error("binding {addr}")]
     Bind {
@@ -211,9 +215,13 @@ impl Application {
             schedule.map(|s| spawn_scheduler(engine.store(), config.retention.clone(), s, stop_tasks.clone()));
         let proxy = Proxy::bind(&config, engine.logger(), |var| std::env::var(var).ok()).await?;
         tracing::info!(address = %address, "opsagent-audit listening");
+        let otlp = start_otlp(&config, &engine.logger()).await?;
         let mut state = AppState::new(engine.logger(), engine.store(), config, engine.masker.clone(), auth);
         if let (Some(proxy), Some(metrics)) = (&proxy, Arc::get_mut(&mut state.metrics)) {
             metrics.register_proxy(proxy.stats());
+        }
+        if let Some(receiver) = otlp {
+            state = state.with_otlp(receiver);
         }
         tokio::spawn(sample_database_size(state.clone(), stop_tasks.clone()));
         Ok(Application { listener, state, engine, retention, stop_tasks, proxy })
@@ -254,6 +262,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
         let Application { listener, state, engine, retention, stop_tasks, proxy } = self;
+        let otlp = state.otlp.clone();
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
         // One signal stops both listeners; the proxy's records reach the pipeline before
@@ -275,6 +284,11 @@ impl Application {
         stop_tasks.cancel();
         if let Some(retention) = retention {
             let _ = retention.await;
+        }
+        if let Some(otlp) = otlp {
+            // Traces being finished go to the pipeline before it drains; what still waits
+            // for its trace stays in the journal.
+            otlp.shutdown(shutdown_timeout / 2).await;
         }
         Ok(engine.shutdown(shutdown_timeout).await)
     }
@@ -312,6 +326,18 @@ async fn start_pipeline(
         None => tracing::warn!("audit.masking.enabled is false: records are stored with any secrets they carry"),
     }
     Ok(builder.start())
+}
+
+/// Starts the OTLP receiver (unless `audit.otlp.enabled` or auditing is off), its
+/// journal in `<spool dir>/otlp` when there is a spool.
+async fn start_otlp(config: &Config, logger: &AuditLogger) -> Result<Option<OtlpReceiver>, AppError> {
+    if !config.otlp.enabled || !logger.is_enabled() {
+        return Ok(None);
+    }
+    let journal_dir = logger.has_spool().then(|| config.spool.dir.join("otlp"));
+    let receiver =
+        OtlpReceiver::start(&config.otlp, journal_dir.as_deref(), logger.clone(), config.limits.max_body_bytes).await?;
+    Ok(Some(receiver))
 }
 
 /// The daily retention schedule, when `audit.retention.auto_cleanup` is on (and `days`

@@ -21,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::auth::Refusal;
 use super::AppState;
+use crate::ingest::otlp::receiver::OtlpStats;
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, StatsSnapshot};
 use crate::proxy::ProxyStats;
@@ -62,6 +63,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     database_bytes: Gauge,
+    /// The OTLP receiver's counters, once it is started.
+    otlp: Arc<std::sync::OnceLock<Arc<OtlpStats>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,7 +116,9 @@ impl Metrics {
         );
         registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
         registry.register_collector(Box::new(PipelineCollector { logger, masker }));
-        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes }
+        let otlp = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(OtlpCollector { stats: otlp.clone() }));
+        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes, otlp }
     }
 
     /// Reports the auditing proxy's counters and upstream durations too.
@@ -135,6 +140,11 @@ impl Metrics {
     /// Counts a request refused for its token's rate.
     pub(crate) fn rate_limited(&self, token: &str) {
         self.rate_limited.get_or_create(&TokenLabel { token: token.to_owned() }).inc();
+    }
+
+    /// Reports the OTLP receiver's counters from now on.
+    pub fn set_otlp(&self, stats: Arc<OtlpStats>) {
+        let _ = self.otlp.set(stats);
     }
 
     /// Sets the sampled database size.
@@ -282,6 +292,46 @@ impl Collector for ProxyCollector {
             None,
             kept.metric_type(),
         )?)?;
+        Ok(())
+    }
+}
+
+/// Reads the OTLP receiver's counters at each scrape (nothing before it is started).
+#[derive(Debug)]
+struct OtlpCollector {
+    stats: Arc<std::sync::OnceLock<Arc<OtlpStats>>>,
+}
+
+impl Collector for OtlpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = self.stats.get() else { return Ok(()) };
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let spans = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "otlp_spans",
+            "OTLP spans received, by outcome: accepted (buffered until their trace is complete), duplicate (seen \
+             before), bad_id, late (after their trace was audited) and unavailable (503) are refused",
+            None,
+            spans.metric_type(),
+        )?;
+        for (outcome, value) in [
+            ("accepted", get(&s.accepted)),
+            ("duplicate", get(&s.duplicate)),
+            ("bad_id", get(&s.bad_id)),
+            ("late", get(&s.late)),
+            ("unavailable", get(&s.unavailable)),
+        ] {
+            ConstCounter::new(value).encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        drop(family);
+        for (name, help, value) in [
+            ("otlp_traces_audited", "OTLP traces turned into interactions", get(&s.traces_audited)),
+            ("otlp_traces_incomplete", "Of those, audited without their root after trace_timeout", get(&s.traces_incomplete)),
+            ("otlp_log_records_refused", "OTLP log records refused by /v1/logs (only traces are audited)", get(&s.log_records_refused)),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
         Ok(())
     }
 }
