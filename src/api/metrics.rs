@@ -306,28 +306,37 @@ impl Collector for OtlpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(s) = self.stats.get() else { return Ok(()) };
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let spans = ConstCounter::new(0u64);
-        let mut family = encoder.encode_descriptor(
-            "otlp_spans",
-            "OTLP spans received, by outcome: accepted (buffered until their trace is complete), duplicate (seen \
-             before), bad_id, late (after their trace was audited) and unavailable (503) are refused",
-            None,
-            spans.metric_type(),
-        )?;
-        for (outcome, value) in [
-            ("accepted", get(&s.accepted)),
-            ("duplicate", get(&s.duplicate)),
-            ("bad_id", get(&s.bad_id)),
-            ("late", get(&s.late)),
-            ("unavailable", get(&s.unavailable)),
-        ] {
-            ConstCounter::new(value).encode(family.encode_family(&[("outcome", outcome)])?)?;
+        {
+            let spans = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "otlp_spans",
+                "OTLP spans received, by outcome: accepted (buffered until their trace is complete), duplicate (seen \
+                 before), bad_id, late (after their trace was audited) and unavailable (503) are refused",
+                None,
+                spans.metric_type(),
+            )?;
+            for (outcome, value) in [
+                ("accepted", get(&s.accepted)),
+                ("duplicate", get(&s.duplicate)),
+                ("bad_id", get(&s.bad_id)),
+                ("late", get(&s.late)),
+                ("unavailable", get(&s.unavailable)),
+            ] {
+                ConstCounter::new(value).encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
         }
-        drop(family);
         for (name, help, value) in [
             ("otlp_traces_audited", "OTLP traces turned into interactions", get(&s.traces_audited)),
-            ("otlp_traces_incomplete", "Of those, audited without their root after trace_timeout", get(&s.traces_incomplete)),
-            ("otlp_log_records_refused", "OTLP log records refused by /v1/logs (only traces are audited)", get(&s.log_records_refused)),
+            (
+                "otlp_traces_incomplete",
+                "Of those, audited without their root after trace_timeout",
+                get(&s.traces_incomplete),
+            ),
+            (
+                "otlp_log_records_refused",
+                "OTLP log records refused by /v1/logs (only traces are audited)",
+                get(&s.log_records_refused),
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;

@@ -57,8 +57,8 @@ pub mod stats;
 mod writer;
 
 pub use envelope::{Batch, Envelope, Origin, Outcome};
-pub use journal::{Journal, JournalError, Replayed};
 pub(crate) use health::backoff;
+pub use journal::{Journal, JournalError, Replayed};
 pub use logger::{AuditLogger, Durable, LoggerBuilder, NotDurable, ShutdownReport};
 pub use queue::MemoryQueue;
 pub use spool::{Spool, SpoolError, SpoolRef, SpoolStats, Spooled};

@@ -15,6 +15,7 @@ mod ingest_http;
 mod layer;
 mod limits;
 mod metrics;
+mod otlp;
 mod pg_cluster;
 mod pipeline;
 mod proxy;

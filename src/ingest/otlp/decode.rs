@@ -30,9 +30,7 @@ impl Encoding {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     /// Neither protobuf nor JSON (`415`).
-    #[error(
-        "unsupported content type `{0}`: OTLP/HTTP takes `application/x-protobuf` or `application/json`"
-    )]
+    #[error("unsupported content type `{0}`: OTLP/HTTP takes `application/x-protobuf` or `application/json`")]
     UnsupportedMediaType(String),
     /// A `Content-Encoding` other than gzip or identity (`415`).
     #[error("unsupported content encoding `{0}`: send `gzip` or no Content-Encoding")]
@@ -165,8 +163,10 @@ pub fn encode_export_response(rejected: i64, error_message: &str, logs: bool, en
         }
         .encode_to_vec(),
         Encoding::Protobuf => ExportTraceServiceResponse {
-            partial_success: partial
-                .then(|| ExportTracePartialSuccess { rejected_spans: rejected, error_message: error_message.to_string() }),
+            partial_success: partial.then(|| ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: error_message.to_string(),
+            }),
         }
         .encode_to_vec(),
         Encoding::Json if !partial => b"{}".to_vec(),

@@ -121,7 +121,12 @@ pub fn is_root_candidate(span: &OtlpSpan) -> bool {
 /// a parent, else the earliest span. `None` only for no spans.
 pub fn root_index(spans: &[OtlpSpan]) -> Option<usize> {
     let earliest = |filter: &dyn Fn(&OtlpSpan) -> bool| {
-        spans.iter().enumerate().filter(|(_, s)| filter(s)).min_by_key(|(_, s)| s.span.start_time_unix_nano).map(|(i, _)| i)
+        spans
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| filter(s))
+            .min_by_key(|(_, s)| s.span.start_time_unix_nano)
+            .map(|(i, _)| i)
     };
     earliest(&|s| role_of(&s.span.attributes) == Role::Agent)
         .or_else(|| earliest(&|s| s.span.parent_span_id.is_empty()))
@@ -150,9 +155,11 @@ fn is_error(span: &OtlpSpan) -> bool {
 fn error_text(span: &OtlpSpan) -> Option<String> {
     let message = span.span.status.as_ref().map(|s| s.message.clone()).filter(|m| !m.is_empty());
     message.or_else(|| text_of(&span.span.attributes, &["error.type", "exception.message"])).or_else(|| {
-        span.span.events.iter().filter(|e| e.name == "exception").find_map(|e| {
-            text_of(&e.attributes, &["exception.message", "exception.type"])
-        })
+        span.span
+            .events
+            .iter()
+            .filter(|e| e.name == "exception")
+            .find_map(|e| text_of(&e.attributes, &["exception.message", "exception.type"]))
     })
 }
 
@@ -188,9 +195,10 @@ pub fn to_interaction(trace_id: [u8; 16], spans: &[OtlpSpan], complete: bool) ->
         Some(key) => id_from_key(&key),
         None => id_from_key(&format!("otlp-trace:{trace_hex}")),
     };
-    if let Some(t) = root.and_then(|r| time(r.span.start_time_unix_nano)).or_else(|| {
-        ordered.first().and_then(|s| time(s.span.start_time_unix_nano))
-    }) {
+    if let Some(t) = root
+        .and_then(|r| time(r.span.start_time_unix_nano))
+        .or_else(|| ordered.first().and_then(|s| time(s.span.start_time_unix_nano)))
+    {
         record.created_at = t;
     }
     record.user_id = find(&["user.id", "enduser.id"]);
@@ -214,14 +222,17 @@ pub fn to_interaction(trace_id: [u8; 16], spans: &[OtlpSpan], complete: bool) ->
     let from_models = |keys: &[&str]| {
         models.iter().rev().find_map(|s| text_of(&s.span.attributes, keys)).or_else(|| text_of(root_attrs, keys))
     };
-    record.model_name =
-        from_models(&["gen_ai.response.model", "llm.response.model_name"]).or_else(|| from_models(&["gen_ai.request.model", "llm.model_name"]));
+    record.model_name = from_models(&["gen_ai.response.model", "llm.response.model_name"])
+        .or_else(|| from_models(&["gen_ai.request.model", "llm.model_name"]));
     record.provider = from_models(&["gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"]);
     record.base_url = base_url(spans, &models);
     record.cluster = root
         .and_then(|r| text_of(&r.resource, &["k8s.cluster.name"]))
         .or_else(|| ordered.iter().find_map(|s| text_of(&s.resource, &["k8s.cluster.name"])))
-        .or_else(|| metadata(root_attrs).and_then(|m| m.get("k8s.cluster.name").or(m.get("cluster")).and_then(Json::as_str).map(str::to_string)));
+        .or_else(|| {
+            metadata(root_attrs)
+                .and_then(|m| m.get("k8s.cluster.name").or(m.get("cluster")).and_then(Json::as_str).map(str::to_string))
+        });
 
     // Reasoning of the model calls, by span start then part index.
     for s in &models {
@@ -269,7 +280,13 @@ pub fn to_interaction(trace_id: [u8; 16], spans: &[OtlpSpan], complete: bool) ->
 fn tool_call(s: &OtlpSpan) -> ToolCall {
     let a = &s.span.attributes;
     let name = text_of(a, &["gen_ai.tool.name", "tool.name"]).unwrap_or_else(|| {
-        s.span.name.strip_prefix("execute_tool").map(str::trim).filter(|n| !n.is_empty()).unwrap_or(&s.span.name).to_string()
+        s.span
+            .name
+            .strip_prefix("execute_tool")
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&s.span.name)
+            .to_string()
     });
     let input = text_of(a, &["gen_ai.tool.call.arguments", "input.value", "tool.parameters"]).unwrap_or_default();
     let mut call = ToolCall::new(name, input);

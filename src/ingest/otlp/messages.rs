@@ -174,9 +174,8 @@ fn from_events(span: &Span, names: &[(&str, &str)]) -> Vec<Message> {
     let mut out = Vec::new();
     for event in &span.events {
         let Some((_, role)) = names.iter().find(|(n, _)| *n == event.name) else { continue };
-        let body = ["content", "gen_ai.event.content", "message", "body"]
-            .iter()
-            .find_map(|k| get(&event.attributes, k));
+        let body =
+            ["content", "gen_ai.event.content", "message", "body"].iter().find_map(|k| get(&event.attributes, k));
         let Some(body) = body else { continue };
         let mut message = match structured(body) {
             Some(json) => message_from_json(&json).unwrap_or_default(),
@@ -269,7 +268,11 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::AnyValue;
 
     fn kv(key: &str, v: &str) -> KeyValue {
-        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }), ..Default::default() }
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }),
+            ..Default::default()
+        }
     }
 
     #[test]
