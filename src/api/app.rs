@@ -334,7 +334,7 @@ async fn start_otlp(config: &Config, logger: &AuditLogger) -> Result<Option<Otlp
     if !config.otlp.enabled || !logger.is_enabled() {
         return Ok(None);
     }
-    let journal_dir = logger.has_spool().then(|| config.spool.dir.join("otlp"));
+    let journal_dir = logger.has_spool().then(|| config.spool.dir.join(crate::pipeline::journal::OTLP_DIR));
     let receiver =
         OtlpReceiver::start(&config.otlp, journal_dir.as_deref(), logger.clone(), config.limits.max_body_bytes).await?;
     Ok(Some(receiver))

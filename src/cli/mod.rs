@@ -130,6 +130,9 @@ pub enum BenchCommand {
     /// The auditing proxy's overhead: latency calling a stub agent directly and through
     /// the proxy, in the same run.
     Proxy(crate::bench::ProxyBenchArgs),
+    /// The standard workload as OpenTelemetry traces to `POST /v1/traces` of a server in
+    /// this process, against the same records to `POST /api/v1/interactions`.
+    Otlp(crate::bench::OtlpBenchArgs),
 }
 
 impl Command {
@@ -204,6 +207,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Storage(args)) => crate::bench::run_storage(&config, args).await,
         Command::Bench(BenchCommand::Retention(args)) => crate::bench::run_retention(&config, args).await,
         Command::Bench(BenchCommand::Proxy(args)) => crate::bench::run_proxy(&config, args).await,
+        Command::Bench(BenchCommand::Otlp(args)) => crate::bench::run_otlp(&config, args).await,
     }
 }
 

@@ -212,6 +212,15 @@ impl OtlpReceiver {
                 tracing::warn!("OTLP traces still being written at the shutdown deadline; the journal keeps them");
             }
         }
+        if let Some(journal) = self.inner.journal.clone() {
+            let pending = self.pending_spans();
+            match tokio::task::spawn_blocking(move || journal.compact()).await {
+                Ok(Ok(())) => tracing::info!(pending_spans = pending, "OTLP journal kept for the next start"),
+                // The old file stays whole: the next start replays more, stores nothing twice.
+                Ok(Err(e)) => tracing::warn!(error = %e, "OTLP journal could not be compacted at shutdown"),
+                Err(e) => tracing::warn!(error = %e, "OTLP journal compaction task failed"),
+            }
+        }
     }
 
     /// Answers `POST /v1/traces`.
