@@ -335,8 +335,7 @@ async fn start_otlp(config: &Config, logger: &AuditLogger) -> Result<Option<Otlp
         return Ok(None);
     }
     let journal_dir = logger.has_spool().then(|| config.spool.dir.join(crate::pipeline::journal::OTLP_DIR));
-    let receiver =
-        OtlpReceiver::start(&config.otlp, journal_dir.as_deref(), logger.clone(), config.limits.max_body_bytes).await?;
+    let receiver = OtlpReceiver::start(&config.otlp, journal_dir.as_deref(), logger.clone(), &config.limits).await?;
     Ok(Some(receiver))
 }
 

@@ -180,8 +180,7 @@ async fn run_api(
     let before = store.count_interactions().await?;
     let mut workload = Workload::new(args.seed ^ 0x0a91_0000);
     let records: Vec<Interaction> = (0..args.records).map(|i| workload.record(i)).collect();
-    let bodies: Vec<Vec<u8>> =
-        records.chunks(args.per_request).map(serde_json::to_vec).collect::<Result<_, _>>()?;
+    let bodies: Vec<Vec<u8>> = records.chunks(args.per_request).map(serde_json::to_vec).collect::<Result<_, _>>()?;
     let bytes = bodies.iter().map(|b| b.len() as u64).sum();
     let started = Instant::now();
     let url = format!("{base}/api/v1/interactions");
@@ -248,7 +247,8 @@ pub fn trace_of(r: &Interaction) -> Vec<Span> {
     let start = r.created_at.timestamp_nanos_opt().unwrap_or_default().max(0) as u64;
     let ms = 1_000_000u64;
     let total = r.total_duration_ms.unwrap_or(1000).max(1) as u64 * ms;
-    let message = |role: &str, parts: serde_json::Value| serde_json::json!([{ "role": role, "parts": parts }]).to_string();
+    let message =
+        |role: &str, parts: serde_json::Value| serde_json::json!([{ "role": role, "parts": parts }]).to_string();
     let span = |id: u64, parent: Option<u64>, name: String, from: u64, to: u64, attributes: Vec<KeyValue>| Span {
         trace_id: trace_id.clone(),
         span_id: id.to_be_bytes().to_vec(),
@@ -271,7 +271,10 @@ pub fn trace_of(r: &Interaction) -> Vec<Span> {
             text("gen_ai.operation.name", "invoke_agent"),
             text("gen_ai.conversation.id", r.session_id.to_string()),
             text("user.id", r.user_id.clone().unwrap_or_default()),
-            text("gen_ai.input.messages", message("user", serde_json::json!([{ "type": "text", "content": r.question }]))),
+            text(
+                "gen_ai.input.messages",
+                message("user", serde_json::json!([{ "type": "text", "content": r.question }])),
+            ),
             text(
                 "gen_ai.output.messages",
                 message("assistant", serde_json::json!([{ "type": "text", "content": r.final_answer }])),

@@ -587,6 +587,9 @@ async fn spans_waiting_for_their_root_survive_a_restart() {
     assert!(!r.attributes.contains_key("otlp.incomplete"));
     app.stop().await;
     assert_eq!(app_count(&db).await, 1);
+    // A clean stop compacts the journal: nothing waits, only its header is left.
+    let journal = spool.path().join("otlp").join("journal.oaj");
+    assert_eq!(std::fs::metadata(journal).expect("journal").len(), 8);
 }
 
 /// A full buffer refuses the export whole with `503` and `Retry-After`.
@@ -620,5 +623,22 @@ async fn a_trace_without_its_root_is_audited_incomplete_after_the_timeout() {
     assert_eq!(r.attributes["otlp.incomplete"], true);
     assert_eq!(r.tool_calls.len(), 3);
     assert_eq!(r.model_name.as_deref(), Some("gpt-4o-2024-08-06"));
+    app.stop().await;
+}
+
+/// A trace with more tool calls than `limits.max_tool_calls_per_record` is kept, cut to
+/// the limit, the cut said in `attributes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_over_the_per_record_limits_is_cut_not_lost() {
+    let db = TestDb::sqlite();
+    let mut c = config();
+    c.limits.max_tool_calls_per_record = 2;
+    let app = spawn_app_with(&db, c).await;
+    let t = Trace::new();
+    let (status, _) = post_proto(&app, &request(vec![], genai_trace(&t))).await;
+    assert_eq!(status, 200);
+    let r = stored(&app, t.record_id()).await;
+    assert_eq!(r.tool_calls.len(), 2);
+    assert_eq!(r.attributes["otlp.tool_calls_omitted"], 1);
     app.stop().await;
 }

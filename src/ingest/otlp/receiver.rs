@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::assemble::{Assembler, ReadyTrace};
 use super::decode::{self, rpc_code, DecodeError, Encoding};
 use super::{map, split, OtlpSpan, TraceId};
-use crate::config::OtlpConfig;
+use crate::config::{LimitsConfig, OtlpConfig};
 use crate::pipeline::{AuditLogger, Journal, JournalError};
 
 /// Finished traces being made durable at once, at most.
@@ -107,7 +107,7 @@ struct Inner {
     assembler: Mutex<Assembler>,
     journal: Option<Arc<Journal>>,
     logger: AuditLogger,
-    max_body_bytes: usize,
+    limits: LimitsConfig,
     stats: Arc<OtlpStats>,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -136,7 +136,7 @@ impl OtlpReceiver {
         config: &OtlpConfig,
         journal_dir: Option<&Path>,
         logger: AuditLogger,
-        max_body_bytes: usize,
+        limits: &LimitsConfig,
     ) -> Result<OtlpReceiver, ReceiverError> {
         let mut assembler = Assembler::new(config.quiet_period, config.trace_timeout, config.max_pending_spans);
         let journal = match journal_dir {
@@ -180,7 +180,7 @@ impl OtlpReceiver {
             assembler: Mutex::new(assembler),
             journal,
             logger,
-            max_body_bytes,
+            limits: limits.clone(),
             stats: Arc::new(OtlpStats::default()),
             stop: CancellationToken::new(),
             task: Mutex::new(None),
@@ -234,7 +234,7 @@ impl OtlpReceiver {
             Ok(e) => e,
             Err(e) => return ExportOutcome::decode_error(&e, Encoding::Json),
         };
-        let request = match decode::decompress(body, content_encoding, self.inner.max_body_bytes)
+        let request = match decode::decompress(body, content_encoding, self.inner.limits.max_body_bytes)
             .and_then(|bytes| decode::decode_traces(&bytes, encoding))
         {
             Ok(r) => r,
@@ -355,7 +355,7 @@ impl OtlpReceiver {
             Ok(e) => e,
             Err(e) => return ExportOutcome::decode_error(&e, Encoding::Json),
         };
-        let request = match decode::decompress(body, content_encoding, self.inner.max_body_bytes)
+        let request = match decode::decompress(body, content_encoding, self.inner.limits.max_body_bytes)
             .and_then(|bytes| decode::decode_logs(&bytes, encoding))
         {
             Ok(r) => r,
@@ -403,6 +403,30 @@ fn encode_spans(spans: &[OtlpSpan]) -> Vec<u8> {
     TracesData { resource_spans }.encode_to_vec()
 }
 
+/// Holds a record built from a trace to the per-record limits the JSON ingest enforces
+/// (`limits.max_tool_calls_per_record`, `max_thoughts_per_record`): a trace is evidence
+/// and is kept, cut to the limits, the cut said in `attributes`.
+fn bound(record: &mut crate::model::Interaction, limits: &LimitsConfig) {
+    let tools = record.tool_calls.len().saturating_sub(limits.max_tool_calls_per_record);
+    if tools > 0 {
+        record.tool_calls.truncate(limits.max_tool_calls_per_record);
+        record.attributes.insert("otlp.tool_calls_omitted".into(), tools.into());
+    }
+    let thoughts = record.thoughts.len().saturating_sub(limits.max_thoughts_per_record);
+    if thoughts > 0 {
+        record.thoughts.truncate(limits.max_thoughts_per_record);
+        record.attributes.insert("otlp.thoughts_omitted".into(), thoughts.into());
+    }
+    if tools > 0 || thoughts > 0 {
+        tracing::warn!(
+            interaction_id = %record.interaction_id,
+            tools_omitted = tools,
+            thoughts_omitted = thoughts,
+            "OTLP trace has more tool calls or thoughts than audit.limits allow; the rest are left out"
+        );
+    }
+}
+
 /// Every `tick`, takes the ready traces and finishes each in a task of its own (bounded),
 /// until stopped; then waits for those in flight.
 async fn finish_loop(inner: Arc<Inner>, tick: Duration) {
@@ -429,7 +453,8 @@ async fn finish_loop(inner: Arc<Inner>, tick: Duration) {
 /// Makes one trace's record durable, then lets the journal forget the trace; puts it
 /// back to wait if the pipeline could not take it.
 async fn finish(inner: Arc<Inner>, trace: ReadyTrace) {
-    let record = map::to_interaction(trace.trace_id, &trace.spans, trace.complete);
+    let mut record = map::to_interaction(trace.trace_id, &trace.spans, trace.complete);
+    bound(&mut record, &inner.limits);
     let interaction_id = record.interaction_id;
     match inner.logger.log_durable(record).await {
         Ok(_) => {

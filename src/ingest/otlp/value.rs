@@ -5,8 +5,9 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use serde_json::Value as Json;
 
 /// Deepest nesting converted; deeper values become a marker string (an attribute nested
-/// this deep is not worth a stack overflow).
-const MAX_DEPTH: usize = 16;
+/// this deep is not worth a stack overflow). Below `limits.max_attributes_depth`'s
+/// default (16) with the record's own `attributes` level on top.
+const MAX_DEPTH: usize = 12;
 
 /// An `AnyValue` as JSON: kvlists become objects, bytes become hex text, an empty value
 /// becomes `null`.
