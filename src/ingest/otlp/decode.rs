@@ -212,6 +212,16 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_are_ignored() {
+        let body = br#"{"resourceSpans":[{"futureField":1,"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c",
+            "spanId":"eee19b7ec3c1b174","name":"x","newThing":{"a":[1]},"attributes":[{"key":"k","value":{"futureValue":{"x":1},"stringValue":"v"}}]}]}]}]}"#;
+        let request = decode_traces(body, Encoding::Json).unwrap();
+        let span = &request.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(span.name, "x");
+        assert_eq!(crate::ingest::otlp::value::text_of(&span.attributes, &["k"]).as_deref(), Some("v"));
+    }
+
+    #[test]
     fn gzip_is_undone_within_the_limit() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&[b'a'; 10_000]).unwrap();

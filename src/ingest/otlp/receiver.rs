@@ -7,7 +7,10 @@
 //! into the buffer. A finished trace's record goes through
 //! [`AuditLogger::log_durable`]; only once that resolved (spooled or committed) does the
 //! journal forget the trace. A crash in between replays the trace: same trace id, same
-//! record id, stored once. Without a spool (`audit.spool.enabled: false`) there is no
+//! record id, stored once. Read-back spans start their trace's `trace_timeout` afresh
+//! (arrival times are not journaled). A span that raced its trace's end (journaled, then
+//! found late) stays in the journal until the next start, which re-audits that trace as
+//! a duplicate: harmless, and rare. Without a spool (`audit.spool.enabled: false`) there is no
 //! journal: spans waiting for their trace are in memory only (a warning says so at
 //! start-up), and exports are refused (`503`) until the database has been reached.
 //!
