@@ -384,3 +384,54 @@ async fn the_pages_carry_a_strict_content_security_policy() {
     assert_eq!(app.client.get(app.url("/assets/nothing.js")).send().await.unwrap().status(), 404);
     app.stop().await;
 }
+
+/// Time from navigation to a rendered page, in milliseconds, read in the browser: assets
+/// fetched, script run, the API answered, the page built.
+async fn time_to_ready(browser: &Browser, url: &str) -> f64 {
+    // A blank page first, so every measurement is a fresh load and not a hash change.
+    browser.client.goto("about:blank").await.expect("blank");
+    browser.open(url).await;
+    assert_eq!(browser.state().await, "ready", "{:?}", browser.texts("main").await);
+    browser.js("return performance.now()").await.as_f64().expect("a number")
+}
+
+/// The list's first page and a detail page against a large database (the issue asks
+/// for 1M interactions on PostgreSQL). A benchmark, not a test: it prints timings.
+///
+/// ```text
+/// opsagent-audit bench query --database-url postgres://…/audit_1m --records 1000000
+/// AUDIT_DASHBOARD_BENCH_URL=postgres://…/audit_1m \
+///     cargo test --release --test it dashboard_timings -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark over a loaded database: set AUDIT_DASHBOARD_BENCH_URL"]
+async fn dashboard_timings_at_scale() {
+    let url = std::env::var("AUDIT_DASHBOARD_BENCH_URL")
+        .expect("AUDIT_DASHBOARD_BENCH_URL: a database loaded by `bench query --records 1000000`");
+    let mut config = fast_config();
+    config.database.url = Some(url);
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.spool.enabled = false;
+    let app = opsagent_audit::api::Application::build(config, false).await.expect("build");
+    let address = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run_until(stop.clone().cancelled_owned()));
+    let count = store.count_interactions().await.expect("count");
+    let browser = Browser::start().await;
+    let mut list = Vec::new();
+    let mut detail = Vec::new();
+    for _ in 0..10 {
+        list.push(time_to_ready(&browser, &format!("{address}/")).await);
+        let id = browser.attrs("table[data-list] tbody tr", "data-id").await.remove(3);
+        detail.push(time_to_ready(&browser, &format!("{address}/#/i/{id}")).await);
+    }
+    let summary = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        format!("p50={:.0}ms max={:.0}ms", v[v.len() / 2], v[v.len() - 1])
+    };
+    println!("interactions={count} list_first_page {} detail {}", summary(list), summary(detail));
+    browser.close().await;
+    stop.cancel();
+    let _ = server.await;
+}
