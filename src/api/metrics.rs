@@ -273,7 +273,6 @@ impl Collector for ProxyCollector {
             ConstCounter::new(counter.load(Relaxed))
                 .encode(family.encode_family(&[("audited", audited), ("outcome", outcome)])?)?;
         }
-        drop(family);
         let failures = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
             "proxy_upstream_failures",
@@ -284,7 +283,6 @@ impl Collector for ProxyCollector {
         for (kind, counter) in [("unreachable", &s.upstream_errors), ("timeout", &s.upstream_timeouts)] {
             ConstCounter::new(counter.load(Relaxed)).encode(family.encode_family(&[("kind", kind)])?)?;
         }
-        drop(family);
         let kept = ConstCounter::new(s.trace_kept.load(Relaxed));
         kept.encode(encoder.encode_descriptor(
             "proxy_trace_kept",

@@ -276,6 +276,9 @@ fn execute_body(instructions: &str) -> Value {
     })
 }
 
+/// A stored tool call: position, name, input, observation, thought.
+type CallRow<'a> = (i32, &'a str, &'a str, Option<&'a str>, Option<i32>);
+
 async fn an_execute_exchange_is_recorded_field_by_field(db: &TestDb) {
     let (agent_url, agent) = start_agent().await;
     let app = spawn_proxy(db, &agent_url, |_| {}).await;
@@ -347,7 +350,7 @@ async fn an_execute_exchange_is_recorded_field_by_field(db: &TestDb) {
             (4, "I have the answer")
         ]
     );
-    let calls: Vec<(i32, &str, &str, Option<&str>, Option<i32>)> = r
+    let calls: Vec<CallRow> = r
         .tool_calls
         .iter()
         .map(|c| {
@@ -712,18 +715,17 @@ async fn a_missing_jwt_secret_variable_stops_start_up_and_a_forged_token_names_n
     let err = Application::build(config, false).await.unwrap_err().to_string();
     assert!(err.contains("OPSAGENT_AUDIT_TEST_UNSET_SECRET_VAR"), "{err}");
 
-    // The variable is set (once, process-wide, to a name no other test uses).
-    std::env::set_var("OPSAGENT_AUDIT_TEST_PROXY_SECRET", std::str::from_utf8(JWT_SECRET).unwrap());
-    let app =
-        spawn_proxy(&db, &agent_url, |c| c.proxy.jwt_secret_env = Some("OPSAGENT_AUDIT_TEST_PROXY_SECRET".into()))
-            .await;
-    let forged = {
+    // A variable every process has stands in for the secret's: setting one here would
+    // race with the other tests reading the environment.
+    let secret = std::env::var("PATH").expect("PATH is set");
+    let app = spawn_proxy(&db, &agent_url, |c| c.proxy.jwt_secret_env = Some("PATH".into())).await;
+    let sign = |name: &str, key: &[u8]| {
         use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-        encode(&Header::new(Algorithm::HS256), &json!({"username": "mallory"}), &EncodingKey::from_secret(b"guess"))
-            .unwrap()
+        encode(&Header::new(Algorithm::HS256), &json!({ "username": name }), &EncodingKey::from_secret(key)).unwrap()
     };
+    let (alice, forged) = (sign("alice", secret.as_bytes()), sign("mallory", b"guess"));
     let client = reqwest::Client::new();
-    for token in [jwt("alice"), forged] {
+    for token in [alice, forged] {
         let r = client
             .post(app.url("/api/analyze"))
             .header("authorization", format!("Bearer {token}"))
