@@ -23,6 +23,10 @@ use serde_yaml_ng::Value;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://opsagent-audit.db";
 /// The address `serve` listens on when nothing is configured.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8427";
+/// The address the auditing proxy listens on when nothing is configured.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8428";
+/// The OpsAgent endpoints the proxy audits when nothing is configured.
+pub const DEFAULT_PROXY_PATHS: [&str; 3] = ["/api/execute", "/api/diagnose", "/api/analyze"];
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,10 @@ pub struct Config {
     pub anomalies: AnomaliesConfig,
     /// Where detected anomalies are sent.
     pub alerts: AlertsConfig,
+    /// The auditing reverse proxy in front of an OpsAgent.
+    pub proxy: ProxyConfig,
+    /// The OpenTelemetry trace receiver (`POST /v1/traces`).
+    pub otlp: OtlpConfig,
 }
 
 impl Default for Config {
@@ -120,6 +128,8 @@ impl Default for Config {
             risk: RiskConfig::default(),
             anomalies: AnomaliesConfig::default(),
             alerts: AlertsConfig::default(),
+            proxy: ProxyConfig::default(),
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -488,6 +498,37 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `audit.otlp`: the OTLP/HTTP receiver, which assembles the spans of one trace into one
+/// interaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Serve `POST /v1/traces` and `POST /v1/logs` (404 when off).
+    pub enabled: bool,
+    /// A trace is audited once its root span has arrived and no span of it came for this
+    /// long (children and the root of one trace often arrive in separate exports).
+    #[serde(with = "humantime_serde_req")]
+    pub quiet_period: Duration,
+    /// A trace whose root never comes is audited this long after its first span, marked
+    /// incomplete (`attributes.otlp.incomplete`).
+    #[serde(with = "humantime_serde_req")]
+    pub trace_timeout: Duration,
+    /// Most spans held while their trace is incomplete; beyond, exports are answered
+    /// `503` with `Retry-After` (nothing is dropped).
+    pub max_pending_spans: usize,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            enabled: true,
+            quiet_period: Duration::from_secs(2),
+            trace_timeout: Duration::from_secs(300),
+            max_pending_spans: 100_000,
+        }
+    }
+}
+
 /// `audit.masking`: what is replaced in a record's text before it is queued, spooled or
 /// stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -670,6 +711,68 @@ impl Role {
     }
 }
 
+/// `audit.proxy`: the auditing reverse proxy. Off unless `upstream` is set; then `serve`
+/// also listens on `listen` and forwards every request there to the agent, recording the
+/// exchanges on `paths`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// The OpsAgent to forward to, `http://host:port` (`serve --proxy-upstream`).
+    pub upstream: Option<String>,
+    /// Address the proxy listens on (`serve --proxy-listen`), apart from the API's, so
+    /// no route of the agent collides with this service's.
+    pub listen: SocketAddr,
+    /// Request paths (exact, `POST`) recorded as interactions; everything else is only
+    /// forwarded.
+    pub paths: Vec<String>,
+    /// Ask the agent for its trace (`show-thought=true`) on audited requests that did
+    /// not, and remove it from the answer, so the client sees what it asked for.
+    pub capture_thoughts: bool,
+    /// Longest wait for the agent's answer to begin (its response head); the client is
+    /// answered `504` then. Agent calls take minutes, hence the generous default.
+    #[serde(with = "humantime_serde_req")]
+    pub upstream_timeout: Duration,
+    /// Name of an environment variable holding the HS256 secret of the agent's JWTs;
+    /// when set, a token whose signature does not verify gives no user. Unset: the
+    /// user is read from the token's claims unverified.
+    pub jwt_secret_env: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            upstream: None,
+            listen: DEFAULT_PROXY_LISTEN.parse().expect("default proxy address is valid"),
+            paths: DEFAULT_PROXY_PATHS.iter().map(|p| p.to_string()).collect(),
+            capture_thoughts: false,
+            upstream_timeout: Duration::from_secs(300),
+            jwt_secret_env: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// `upstream` parsed, checked to be `http://host[:port]` with nothing after the
+    /// authority but `/` (validated at load). `None`: the proxy is off.
+    pub fn upstream_uri(&self) -> Result<Option<http::Uri>, ConfigError> {
+        let Some(text) = &self.upstream else { return Ok(None) };
+        let bad = |why: &str| invalid("audit.proxy.upstream".into(), format!("`{text}`: {why}"));
+        let uri: http::Uri = text.parse().map_err(|e| bad(&format!("not a URL ({e})")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(bad("https upstreams are not supported; use http://host:port")),
+            _ => return Err(bad("expected http://host:port")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+            return Err(bad("give only the scheme, host and port; every path is forwarded as it is"));
+        }
+        Ok(Some(uri))
+    }
+}
+
 /// Overrides given on the command line; they win over everything else.
 #[derive(Debug, Clone, Default)]
 pub struct CliOverrides {
@@ -677,6 +780,10 @@ pub struct CliOverrides {
     pub database_url: Option<String>,
     /// `serve --listen`.
     pub listen: Option<SocketAddr>,
+    /// `serve --proxy-upstream`.
+    pub proxy_upstream: Option<String>,
+    /// `serve --proxy-listen`.
+    pub proxy_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -718,6 +825,12 @@ impl Config {
         }
         if let Some(listen) = cli.listen {
             config.server.listen = listen;
+        }
+        if let Some(upstream) = &cli.proxy_upstream {
+            config.proxy.upstream = Some(upstream.clone());
+        }
+        if let Some(listen) = cli.proxy_listen {
+            config.proxy.listen = listen;
         }
         config.validate()?;
         Ok(config)
@@ -761,9 +874,15 @@ impl Config {
                 });
             }
         }
+        if self.otlp.enabled {
+            positive("otlp.quiet_period", self.otlp.quiet_period.as_millis() as u64)?;
+            positive("otlp.trace_timeout", self.otlp.trace_timeout.as_millis() as u64)?;
+            positive("otlp.max_pending_spans", self.otlp.max_pending_spans as u64)?;
+        }
         self.validate_masking()?;
         self.validate_risk()?;
         self.validate_auth()?;
+        self.validate_proxy()?;
         self.retention.cleanup_time_of_day()?;
         self.retention.zone()?;
         positive("retention.batch_size", u64::from(self.retention.batch_size))?;
@@ -836,6 +955,35 @@ impl Config {
             return Err(invalid(
                 "audit.alerts".into(),
                 "max_per_minute and max_attempts must be greater than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
+        let proxy = &self.proxy;
+        proxy.upstream_uri()?;
+        for (i, path) in proxy.paths.iter().enumerate() {
+            if !path.starts_with('/') || path.contains('?') {
+                return Err(invalid(
+                    format!("audit.proxy.paths[{i}]"),
+                    format!("`{path}`: a path starting with `/`, without a query"),
+                ));
+            }
+        }
+        if proxy.upstream_timeout.is_zero() {
+            return Err(invalid("audit.proxy.upstream_timeout".into(), "must be greater than 0".into()));
+        }
+        if proxy.jwt_secret_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(invalid(
+                "audit.proxy.jwt_secret_env".into(),
+                "must name an environment variable (or be left out)".into(),
+            ));
+        }
+        if proxy.upstream.is_some() && proxy.listen == self.server.listen && proxy.listen.port() != 0 {
+            return Err(invalid(
+                "audit.proxy.listen".into(),
+                format!("{} is the API's address (audit.server.listen); the proxy needs its own", proxy.listen),
             ));
         }
         Ok(())
@@ -970,6 +1118,8 @@ fn is_text_key(key: &str) -> bool {
             | "audit.retention.cleanup_time"
             | "audit.retention.time_zone"
             | "audit.retention.archive_dir"
+            | "audit.proxy.upstream"
+            | "audit.proxy.jwt_secret_env"
     )
 }
 
@@ -1118,7 +1268,7 @@ audit:
         let env =
             [("AUDIT_ASYNC_WORKERS", "3"), ("AUDIT_DATABASE_PASSWORD", "12345"), ("AUDIT_LISTEN", "127.0.0.1:9000")]
                 .map(|(k, v)| (k.to_string(), v.to_string()));
-        let cli = CliOverrides { database_url: None, listen: Some("127.0.0.1:9100".parse().unwrap()) };
+        let cli = CliOverrides { listen: Some("127.0.0.1:9100".parse().unwrap()), ..CliOverrides::default() };
         let c = Config::load_from(Some(&path), env, &cli).unwrap();
         assert_eq!(c.pipeline.workers, 3);
         assert_eq!(c.database.password.as_deref(), Some("12345"));
@@ -1219,6 +1369,49 @@ audit:
         let c = Config::load_from(None, Vec::new(), &CliOverrides::default()).unwrap();
         assert_eq!(c.database.resolved_url().unwrap(), DEFAULT_DATABASE_URL);
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn proxy_is_off_by_default_and_its_keys_are_read_and_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.proxy.upstream_uri().unwrap(), None);
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(c.proxy.paths, DEFAULT_PROXY_PATHS);
+        assert_eq!(c.proxy.upstream_timeout, Duration::from_secs(300));
+        let env = [
+            ("AUDIT_PROXY_UPSTREAM", "http://agent:8080"),
+            ("AUDIT_PROXY_LISTEN", "0.0.0.0:9000"),
+            ("AUDIT_PROXY_PATHS", "[/api/execute, /api/custom]"),
+            ("AUDIT_PROXY_CAPTURE_THOUGHTS", "true"),
+            ("AUDIT_PROXY_UPSTREAM_TIMEOUT", "90s"),
+            ("AUDIT_PROXY_JWT_SECRET_ENV", "OPSAGENT_JWT_SECRET"),
+        ];
+        let c = load("", &env).unwrap();
+        assert_eq!(c.proxy.upstream_uri().unwrap().unwrap().authority().unwrap().as_str(), "agent:8080");
+        assert_eq!(c.proxy.listen.port(), 9000);
+        assert_eq!(c.proxy.paths, ["/api/execute", "/api/custom"]);
+        assert!(c.proxy.capture_thoughts);
+        assert_eq!(c.proxy.upstream_timeout, Duration::from_secs(90));
+        assert_eq!(c.proxy.jwt_secret_env.as_deref(), Some("OPSAGENT_JWT_SECRET"));
+        let cli = CliOverrides {
+            proxy_upstream: Some("http://127.0.0.1:8080".into()),
+            proxy_listen: Some("127.0.0.1:9999".parse().unwrap()),
+            ..CliOverrides::default()
+        };
+        let c = Config::load_from(None, Vec::new(), &cli).unwrap();
+        assert_eq!(c.proxy.upstream.as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(c.proxy.listen.port(), 9999);
+        for (yaml, key) in [
+            ("upstream: 'not a url'", "audit.proxy.upstream"),
+            ("upstream: https://agent", "audit.proxy.upstream"),
+            ("upstream: http://agent:8080/api", "audit.proxy.upstream"),
+            ("paths: [api/execute]", "audit.proxy.paths[0]"),
+            ("upstream_timeout: 0s", "audit.proxy.upstream_timeout"),
+            ("upstream: http://a:1\n    listen: 127.0.0.1:8427", "audit.proxy.listen"),
+        ] {
+            let err = load(&format!("audit:\n  proxy:\n    {yaml}\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -24,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
+use crate::ingest::otlp::{OtlpReceiver, ReceiverError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
+use crate::proxy::{Proxy, ProxyError, ProxyStats};
 use crate::retention::{spawn_scheduler, Schedule};
 use crate::risk::{alert, detect, RiskClassifier, RiskError};
 use crate::store::{self, Store, StoreError};
@@ -65,6 +67,12 @@ pub enum AppError {
     /// The spool directory could not be opened.
     #[error("opening the spool")]
     Spool(#[from] SpoolError),
+    /// The auditing proxy could not start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The OTLP receiver's journal could not be opened.
+    #[error(transparent)]
+    Otlp(#[from] ReceiverError),
     /// The listen address could not be bound.
     #[error("binding {addr}")]
     Bind {
@@ -75,40 +83,38 @@ pub enum AppError {
     },
 }
 
-/// A built service: bound, pipeline running, not yet serving.
-pub struct Application {
-    listener: TcpListener,
-    state: AppState,
+/// The service's machinery without its HTTP listener: the store, the masking stage and
+/// the pipeline, with the start-up task that waits for the database. [`Application`]
+/// runs on one; a Rust agent that logs through the library (the
+/// [`AuditLayer`](crate::layer::AuditLayer), or [`AuditLogger::log`] directly) starts
+/// one from the same configuration, so its records are masked, spooled and retried
+/// exactly as the server's are.
+pub struct Engine {
+    logger: AuditLogger,
+    store: Arc<dyn Store>,
+    masker: Option<Arc<Masker>>,
+    risk: Option<Arc<RiskClassifier>>,
     /// The background task waiting for the database, when start-up did not reach it.
     startup: Option<JoinHandle<()>>,
-    /// The daily retention run (`audit.retention.auto_cleanup`).
-    retention: Option<JoinHandle<()>>,
-    /// The anomaly job and its webhook task (`audit.anomalies`, `audit.alerts`).
-    anomalies: Vec<JoinHandle<()>>,
-    /// Stops the background tasks (start-up retries, retention) at shutdown.
-    stop_startup: CancellationToken,
+    /// Stops the start-up retries at shutdown.
+    stop: CancellationToken,
 }
 
-impl std::fmt::Debug for Application {
+impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("address", &self.listener.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("Engine").field("logger", &self.logger).finish_non_exhaustive()
     }
 }
 
-impl Application {
-    /// Opens the store and the spool, starts the pipeline, binds the listener. Returns
-    /// without waiting for the database when it does not answer at once.
-    pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
-        let listen = config.server.listen;
-        let auth = Authenticator::new(&config.auth, &config.limits, |var| std::env::var(var).ok())?;
-        if !listen.ip().is_loopback() && !insecure && !auth.is_enabled() {
-            return Err(AppError::Unprotected(listen));
-        }
+impl Engine {
+    /// Opens the store and the spool and starts the pipeline. Returns without waiting
+    /// for the database when it does not answer at once: records are spooled (or held
+    /// in memory) until it does.
+    pub async fn start(config: &Config) -> Result<Engine, AppError> {
         let masker = Masker::from_config(&config.masking)?.map(Arc::new);
         let risk = RiskClassifier::from_config(&config.risk)?.map(Arc::new);
         let url = config.database.resolved_url()?;
         let store = store::connect(&url, &config.database).await?;
-        let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
         // The first attempt runs in a task of its own: when it outlasts FIRST_ATTEMPT
         // (a database that does not answer, or a long migration) start-up goes on and
         // the background task waits for that same attempt rather than cancelling it.
@@ -120,33 +126,131 @@ impl Application {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
         };
-        let logger = start_pipeline(&config, store.clone(), masker.clone(), risk.clone(), not_ready.as_ref()).await?;
-        let stop_startup = CancellationToken::new();
+        let logger = start_pipeline(config, store.clone(), masker.clone(), risk.clone(), not_ready.as_ref()).await?;
+        let stop = CancellationToken::new();
         let startup = match not_ready {
             None => {
-                tracing::info!(migrate, "database ready");
+                tracing::info!(migrate, database = %redact_url(&url), "database ready");
                 None
             }
             Some(reason) => {
                 tracing::warn!(
                     reason = %reason,
+                    database = %redact_url(&url),
                     spool = logger.has_spool(),
-                    "database not ready at start-up; serving anyway, retrying in the background"
+                    "database not ready at start-up; going on anyway, retrying in the background"
                 );
-                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop_startup.clone());
+                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop.clone());
                 Some(tokio::spawn(task))
             }
         };
-        let retention = start_retention(&config, &store, &stop_startup)?;
-        tracing::info!(
-            address = %listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?,
-            database = %redact_url(&url),
-            "opsagent-audit listening"
+        Ok(Engine { logger, store, masker, risk, startup, stop })
+    }
+
+    /// The pipeline to log through. Cheap to clone.
+    pub fn logger(&self) -> AuditLogger {
+        self.logger.clone()
+    }
+
+    /// The store records are written to and read from.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Stops the start-up retries, drains the pipeline (writing what it can within
+    /// `deadline`, spooling the rest) and closes the store.
+    pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
+        self.stop.cancel();
+        if let Some(startup) = self.startup {
+            let _ = startup.await;
+        }
+        let report = self.logger.shutdown(deadline).await;
+        self.store.close().await;
+        if report.abandoned > 0 {
+            tracing::error!(
+                abandoned = report.abandoned,
+                "shutdown dropped records it could neither write nor spool before its deadline"
+            );
+        } else if !report.drained {
+            tracing::warn!(
+                spooled = report.stats.spool_records,
+                "records left unwritten at shutdown (database unavailable, or the deadline passed) are in the spool; \
+                 the next start writes them"
+            );
+        }
+        report
+    }
+}
+
+/// A built service: bound, pipeline running, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    engine: Engine,
+    /// The daily retention run (`audit.retention.auto_cleanup`).
+    retention: Option<JoinHandle<()>>,
+    /// Stops the background tasks (retention, database size sampling) at shutdown.
+    stop_tasks: CancellationToken,
+    /// The auditing proxy, when `audit.proxy.upstream` is set.
+    proxy: Option<Proxy>,
+    /// The anomaly job and its webhook task (`audit.anomalies`, `audit.alerts`).
+    anomalies: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("address", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Binds the listener and starts the [`Engine`]. Returns without waiting for the
+    /// database when it does not answer at once.
+    pub async fn build(config: Config, insecure: bool) -> Result<Application, AppError> {
+        let listen = config.server.listen;
+        let auth = Authenticator::new(&config.auth, &config.limits, |var| std::env::var(var).ok())?;
+        if !listen.ip().is_loopback() && !insecure && !auth.is_enabled() {
+            return Err(AppError::Unprotected(listen));
+        }
+        // Checked before anything starts, so a bad schedule does not leave a pipeline
+        // running behind an error.
+        let schedule = retention_schedule(&config)?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| AppError::Bind { addr: listen, source })?;
+        let address = listener.local_addr().map_err(|source| AppError::Bind { addr: listen, source })?;
+        let engine = Engine::start(&config).await?;
+        let stop_tasks = CancellationToken::new();
+        let retention =
+            schedule.map(|s| spawn_scheduler(engine.store(), config.retention.clone(), s, stop_tasks.clone()));
+        let proxy = Proxy::bind(&config, engine.logger(), |var| std::env::var(var).ok()).await?;
+        tracing::info!(address = %address, "opsagent-audit listening");
+        let otlp = start_otlp(&config, &engine.logger()).await?;
+        let mut state = AppState::with_risk(
+            engine.logger(),
+            engine.store(),
+            config,
+            engine.masker.clone(),
+            engine.risk.clone(),
+            auth,
         );
-        let state = AppState::with_risk(logger, store, config, masker, risk, auth);
-        tokio::spawn(sample_database_size(state.clone(), stop_startup.clone()));
-        let anomalies = start_anomalies(&state, &stop_startup);
-        Ok(Application { listener, state, startup, retention, anomalies, stop_startup })
+        if let (Some(proxy), Some(metrics)) = (&proxy, Arc::get_mut(&mut state.metrics)) {
+            metrics.register_proxy(proxy.stats());
+        }
+        if let Some(receiver) = otlp {
+            state = state.with_otlp(receiver);
+        }
+        tokio::spawn(sample_database_size(state.clone(), stop_tasks.clone()));
+        let anomalies = start_anomalies(&state, &stop_tasks);
+        Ok(Application { listener, state, engine, retention, stop_tasks, proxy, anomalies })
+    }
+
+    /// The address the auditing proxy listens on, when it runs.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(Proxy::local_addr)
+    }
+
+    /// The auditing proxy's counters, when it runs.
+    pub fn proxy_stats(&self) -> Option<Arc<ProxyStats>> {
+        self.proxy.as_ref().map(Proxy::stats)
     }
 
     /// The address the server listens on (the real port when configured with port 0).
@@ -166,43 +270,46 @@ impl Application {
 
     /// Serves (within the connection limits of `audit.limits`, see [`serve`]) until
     /// `shutdown` resolves, then stops accepting connections, lets in-flight requests
-    /// finish, drains the pipeline (within `audit.async.shutdown_timeout`) and closes the
-    /// store.
+    /// finish (proxied ones for up to `audit.async.shutdown_timeout`, then they are cut
+    /// and recorded `cancelled`), drains the pipeline (within
+    /// `audit.async.shutdown_timeout`) and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<ShutdownReport, AppError> {
-        let Application { listener, state, startup, retention, anomalies, stop_startup } = self;
-        let (logger, store) = (state.logger.clone(), state.store.clone());
+        let Application { listener, state, engine, retention, stop_tasks, proxy, anomalies } = self;
+        let otlp = state.otlp.clone();
         let shutdown_timeout = state.config.pipeline.shutdown_timeout;
         let limits = state.config.limits.clone();
-        serve::serve(listener, router(state), &limits, shutdown).await;
-        tracing::info!("stopped accepting requests; draining the audit pipeline");
-        stop_startup.cancel();
-        if let Some(startup) = startup {
-            let _ = startup.await;
+        // One signal stops both listeners; the proxy's records reach the pipeline before
+        // it drains.
+        let stop = CancellationToken::new();
+        let signal = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            signal.cancel();
+        });
+        let proxy = proxy.map(|p| tokio::spawn(p.run_until(stop.clone().cancelled_owned(), shutdown_timeout)));
+        serve::serve(listener, router(state), &limits, stop.cancelled_owned()).await;
+        if let Some(proxy) = proxy {
+            if let Err(e) = proxy.await {
+                tracing::error!(error = %e, "the auditing proxy's task failed");
+            }
         }
+        tracing::info!("stopped accepting requests; draining the audit pipeline");
+        stop_tasks.cancel();
         if let Some(retention) = retention {
             let _ = retention.await;
         }
         for task in anomalies {
             let _ = task.await;
         }
-        let report = logger.shutdown(shutdown_timeout).await;
-        store.close().await;
-        if report.abandoned > 0 {
-            tracing::error!(
-                abandoned = report.abandoned,
-                "shutdown dropped records it could neither write nor spool before its deadline"
-            );
-        } else if !report.drained {
-            tracing::warn!(
-                spooled = report.stats.spool_records,
-                "records left unwritten at shutdown (database unavailable, or the deadline passed) are in the spool; \
-                 the next start writes them"
-            );
+        if let Some(otlp) = otlp {
+            // Traces being finished go to the pipeline before it drains; what still waits
+            // for its trace stays in the journal.
+            otlp.shutdown(shutdown_timeout / 2).await;
         }
-        Ok(report)
+        Ok(engine.shutdown(shutdown_timeout).await)
     }
 }
 
@@ -247,13 +354,20 @@ async fn start_pipeline(
     Ok(builder.start())
 }
 
-/// Starts the daily retention task when `audit.retention.auto_cleanup` is on (and
-/// `days` is not 0, which keeps everything).
-fn start_retention(
-    config: &Config,
-    store: &Arc<dyn Store>,
-    stop: &CancellationToken,
-) -> Result<Option<JoinHandle<()>>, AppError> {
+/// Starts the OTLP receiver (unless `audit.otlp.enabled` or auditing is off), its
+/// journal in `<spool dir>/otlp` when there is a spool.
+async fn start_otlp(config: &Config, logger: &AuditLogger) -> Result<Option<OtlpReceiver>, AppError> {
+    if !config.otlp.enabled || !logger.is_enabled() {
+        return Ok(None);
+    }
+    let journal_dir = logger.has_spool().then(|| config.spool.dir.join(crate::pipeline::journal::OTLP_DIR));
+    let receiver = OtlpReceiver::start(&config.otlp, journal_dir.as_deref(), logger.clone(), &config.limits).await?;
+    Ok(Some(receiver))
+}
+
+/// The daily retention schedule, when `audit.retention.auto_cleanup` is on (and `days`
+/// is not 0, which keeps everything).
+fn retention_schedule(config: &Config) -> Result<Option<Schedule>, AppError> {
     let retention = &config.retention;
     if !retention.auto_cleanup {
         return Ok(None);
@@ -262,8 +376,7 @@ fn start_retention(
         tracing::warn!("audit.retention.auto_cleanup is on but retention.days is 0 (keep forever): no clean-up runs");
         return Ok(None);
     }
-    let schedule = Schedule::from_config(retention)?;
-    Ok(Some(spawn_scheduler(store.clone(), retention.clone(), schedule, stop.clone())))
+    Ok(Some(Schedule::from_config(retention)?))
 }
 
 /// Starts the anomaly job (`audit.anomalies.enabled`) and, with

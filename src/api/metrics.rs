@@ -21,8 +21,10 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::auth::Refusal;
 use super::AppState;
+use crate::ingest::otlp::receiver::OtlpStats;
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, StatsSnapshot};
+use crate::proxy::ProxyStats;
 use crate::risk::RiskClassifier;
 
 /// Label of the auth failure counter.
@@ -76,6 +78,8 @@ pub struct Metrics {
     database_bytes: Gauge,
     anomalies: Family<KindLabel, Counter>,
     alerts: Family<OutcomeLabel, Counter>,
+    /// The OTLP receiver's counters, once it is started.
+    otlp: Arc<std::sync::OnceLock<Arc<OtlpStats>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,7 +148,30 @@ impl Metrics {
         );
         registry.register("batch_records", "Records per committed batch", stats.batch_records.clone());
         registry.register_collector(Box::new(PipelineCollector { logger, masker, risk }));
-        Metrics { registry, auth_failures, rate_limited, requests, request_seconds, database_bytes, anomalies, alerts }
+        let otlp = Arc::new(std::sync::OnceLock::new());
+        registry.register_collector(Box::new(OtlpCollector { stats: otlp.clone() }));
+        Metrics {
+            registry,
+            auth_failures,
+            rate_limited,
+            requests,
+            request_seconds,
+            database_bytes,
+            anomalies,
+            alerts,
+            otlp,
+        }
+    }
+
+    /// Reports the auditing proxy's counters and upstream durations too.
+    pub fn register_proxy(&mut self, stats: Arc<ProxyStats>) {
+        self.registry.register_with_unit(
+            "proxy_upstream_duration",
+            "Time from sending an audited request to the agent to the end of its answer",
+            Unit::Seconds,
+            stats.upstream_seconds.clone(),
+        );
+        self.registry.register_collector(Box::new(ProxyCollector { stats }));
     }
 
     /// Counts a refused request.
@@ -165,6 +192,11 @@ impl Metrics {
     /// Counts how an anomaly's webhook delivery ended.
     pub fn alert_outcome(&self, outcome: crate::risk::alert::Outcome) {
         self.alerts.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+    }
+
+    /// Reports the OTLP receiver's counters from now on.
+    pub fn set_otlp(&self, stats: Arc<OtlpStats>) {
+        let _ = self.otlp.set(stats);
     }
 
     /// Sets the sampled database size.
@@ -274,6 +306,103 @@ impl Collector for PipelineCollector {
             for (level, value) in risk.counts() {
                 ConstCounter::new(value).encode(family.encode_family(&[("level", level.as_str())])?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the auditing proxy's counters at each scrape.
+#[derive(Debug)]
+struct ProxyCollector {
+    stats: Arc<ProxyStats>,
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        let requests = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "proxy_requests",
+            "Requests through the auditing proxy: audited ones by how they ended, the others forwarded",
+            None,
+            requests.metric_type(),
+        )?;
+        for (audited, outcome, counter) in [
+            ("true", "success", &s.audited_success),
+            ("true", "error", &s.audited_error),
+            ("true", "timeout", &s.audited_timeout),
+            ("true", "cancelled", &s.audited_cancelled),
+            ("false", "forwarded", &s.forwarded),
+        ] {
+            ConstCounter::new(counter.load(Relaxed))
+                .encode(family.encode_family(&[("audited", audited), ("outcome", outcome)])?)?;
+        }
+        let failures = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "proxy_upstream_failures",
+            "Requests the agent was not reached for (502) or did not answer in time (504)",
+            None,
+            failures.metric_type(),
+        )?;
+        for (kind, counter) in [("unreachable", &s.upstream_errors), ("timeout", &s.upstream_timeouts)] {
+            ConstCounter::new(counter.load(Relaxed)).encode(family.encode_family(&[("kind", kind)])?)?;
+        }
+        let kept = ConstCounter::new(s.trace_kept.load(Relaxed));
+        kept.encode(encoder.encode_descriptor(
+            "proxy_trace_kept",
+            "Answers forwarded with a trace the client did not ask for (over audit.limits.max_body_bytes, or not JSON)",
+            None,
+            kept.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Reads the OTLP receiver's counters at each scrape (nothing before it is started).
+#[derive(Debug)]
+struct OtlpCollector {
+    stats: Arc<std::sync::OnceLock<Arc<OtlpStats>>>,
+}
+
+impl Collector for OtlpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = self.stats.get() else { return Ok(()) };
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        {
+            let spans = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "otlp_spans",
+                "OTLP spans received, by outcome: accepted (buffered until their trace is complete), duplicate (seen \
+                 before), bad_id, late (after their trace was audited) and unavailable (503) are refused",
+                None,
+                spans.metric_type(),
+            )?;
+            for (outcome, value) in [
+                ("accepted", get(&s.accepted)),
+                ("duplicate", get(&s.duplicate)),
+                ("bad_id", get(&s.bad_id)),
+                ("late", get(&s.late)),
+                ("unavailable", get(&s.unavailable)),
+            ] {
+                ConstCounter::new(value).encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
+        for (name, help, value) in [
+            ("otlp_traces_audited", "OTLP traces turned into interactions", get(&s.traces_audited)),
+            (
+                "otlp_traces_incomplete",
+                "Of those, audited without their root after trace_timeout",
+                get(&s.traces_incomplete),
+            ),
+            (
+                "otlp_log_records_refused",
+                "OTLP log records refused by /v1/logs (only traces are audited)",
+                get(&s.log_records_refused),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
+use crate::ingest::otlp::OtlpReceiver;
 use crate::mask::Masker;
 use crate::pipeline::AuditLogger;
 use crate::risk::RiskClassifier;
@@ -24,13 +25,15 @@ use crate::store::Store;
 
 mod app;
 pub mod auth;
+pub mod dashboard;
 mod error;
 mod ingest;
 pub mod metrics;
+mod otlp;
 mod read;
 mod serve;
 
-pub use app::{AppError, Application};
+pub use app::{AppError, Application, Engine};
 pub use auth::{AuthError, Authenticator, Caller};
 pub use error::{ApiError, ErrorBody};
 pub use ingest::{IngestResponse, RecordResult, RecordStatus};
@@ -55,6 +58,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// The registry `/metrics` reports.
     pub metrics: Arc<Metrics>,
+    /// The OTLP receiver (`POST /v1/traces`), unless `audit.otlp.enabled` is off.
+    pub otlp: Option<OtlpReceiver>,
 }
 
 /// Exports that may run at once; one more is answered `429`.
@@ -89,7 +94,15 @@ impl AppState {
             config: Arc::new(config),
             exports: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
             auth: Arc::new(auth),
+            otlp: None,
         }
+    }
+
+    /// Serves OTLP through `receiver` (and reports its counters at `/metrics`).
+    pub fn with_otlp(mut self, receiver: OtlpReceiver) -> AppState {
+        self.metrics.set_otlp(receiver.stats());
+        self.otlp = Some(receiver);
+        self
     }
 }
 
@@ -99,9 +112,11 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let request_timeout = state.config.limits.request_timeout;
     use axum::middleware::from_fn_with_state as guard;
-    let ingest = Router::new()
-        .route("/api/v1/interactions", post(ingest::post_interactions))
-        .route_layer(guard(state.clone(), auth::require_ingest));
+    let mut ingest = Router::new().route("/api/v1/interactions", post(ingest::post_interactions));
+    if state.otlp.is_some() {
+        ingest = ingest.route("/v1/traces", post(otlp::traces)).route("/v1/logs", post(otlp::logs));
+    }
+    let ingest = ingest.route_layer(guard(state.clone(), auth::require_ingest));
     let read = Router::new()
         .route("/api/v1/interactions", get(read::list))
         .route("/api/v1/interactions/{interaction_id}", get(read::interaction))
@@ -121,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .merge(read)
         .merge(admin)
         .merge(metrics)
+        .merge(dashboard::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

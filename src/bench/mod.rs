@@ -4,11 +4,15 @@
 //! `bench query` (list latency, stats and export against `COPY … TO STDOUT` at scale),
 //! `bench mask` (masking throughput), `bench storage` (bytes per interaction at rest and
 //! in the Parquet archive), `bench retention` (insert latency while a large clean-up
-//! deletes in batches). Each prints a table, then one machine-readable last line.
+//! deletes in batches), `bench proxy` (the auditing proxy's latency against calling
+//! a stub agent directly), `bench otlp` (the workload as OpenTelemetry traces to
+//! `/v1/traces` against the same records to `/api/v1/interactions`). Each prints a
+//! table, then one machine-readable last line.
 //!
 //! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`storage`],
 //! [`mask`](mod@mask), [`retention`](mod@retention), [`load`] (loading at scale, for
-//! `query`, `storage` and `retention`), [`workload`] (the standard workload of SPEC.md).
+//! `query`, `storage` and `retention`), [`proxy`](mod@proxy), [`otlp`](mod@otlp),
+//! [`workload`] (the standard workload of SPEC.md).
 
 use std::time::Duration;
 
@@ -18,7 +22,9 @@ pub mod copy;
 pub mod ingest;
 pub mod load;
 pub mod mask;
+pub mod otlp;
 pub mod outage;
+pub mod proxy;
 pub mod query;
 pub mod retention;
 pub mod storage;
@@ -26,7 +32,9 @@ pub mod workload;
 
 pub use ingest::{run_ingest, IngestBenchArgs};
 pub use mask::{run_mask, MaskBenchArgs};
+pub use otlp::{run_otlp, OtlpBenchArgs};
 pub use outage::{run_outage, OutageBenchArgs};
+pub use proxy::{run_proxy, ProxyBenchArgs};
 pub use query::{run_query, QueryBenchArgs};
 pub use retention::{run_retention, RetentionBenchArgs};
 pub use storage::{run_storage, StorageBenchArgs};

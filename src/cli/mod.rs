@@ -104,6 +104,14 @@ pub struct ServeArgs {
     /// Allow listening beyond loopback without API tokens.
     #[arg(long)]
     pub insecure: bool,
+    /// Run the auditing proxy in front of the OpsAgent at this URL (`http://host:port`);
+    /// overrides `audit.proxy.upstream`.
+    #[arg(long, value_name = "URL")]
+    pub proxy_upstream: Option<String>,
+    /// Address the auditing proxy listens on [default: 127.0.0.1:8428]; overrides
+    /// `audit.proxy.listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<SocketAddr>,
 }
 
 /// `bench` subcommands.
@@ -124,6 +132,12 @@ pub enum BenchCommand {
     /// Retention at scale (PostgreSQL): a batched cleanup of the oldest half of the
     /// data while a producer inserts, with its insert latency against a baseline.
     Retention(crate::bench::RetentionBenchArgs),
+    /// The auditing proxy's overhead: latency calling a stub agent directly and through
+    /// the proxy, in the same run.
+    Proxy(crate::bench::ProxyBenchArgs),
+    /// The standard workload as OpenTelemetry traces to `POST /v1/traces` of a server in
+    /// this process, against the same records to `POST /api/v1/interactions`.
+    Otlp(crate::bench::OtlpBenchArgs),
 }
 
 impl Command {
@@ -148,11 +162,11 @@ impl Command {
 impl Cli {
     /// Loads the configuration these arguments point at.
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        let listen = match &self.command {
-            Command::Serve(args) => args.listen,
-            _ => None,
+        let (listen, proxy_upstream, proxy_listen) = match &self.command {
+            Command::Serve(args) => (args.listen, args.proxy_upstream.clone(), args.proxy_listen),
+            _ => (None, None, None),
         };
-        let overrides = CliOverrides { database_url: self.database_url.clone(), listen };
+        let overrides = CliOverrides { database_url: self.database_url.clone(), listen, proxy_upstream, proxy_listen };
         let mut config = Config::load(self.config.as_deref(), &overrides).context("loading configuration")?;
         if let Some(format) = self.log_format {
             config.server.log_format = format;
@@ -199,6 +213,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mask(args)) => crate::bench::run_mask(args),
         Command::Bench(BenchCommand::Storage(args)) => crate::bench::run_storage(&config, args).await,
         Command::Bench(BenchCommand::Retention(args)) => crate::bench::run_retention(&config, args).await,
+        Command::Bench(BenchCommand::Proxy(args)) => crate::bench::run_proxy(&config, args).await,
+        Command::Bench(BenchCommand::Otlp(args)) => crate::bench::run_otlp(&config, args).await,
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Check, Options};
 use crate::config::SpoolConfig;
+use crate::pipeline::journal;
 use crate::pipeline::spool::recovery::{self, Checked};
 
 /// What a server leaves in the directory besides segments.
@@ -40,6 +41,8 @@ struct Inventory {
     set_aside: Vec<PathBuf>,
     /// Anything else.
     foreign: Vec<PathBuf>,
+    /// Bytes of the OTLP receiver's journal (spans waiting for their traces), if any.
+    otlp_journal: Option<u64>,
 }
 
 /// The spool and disk-space checks.
@@ -90,6 +93,10 @@ fn inventory(dir: &Path, holder: Holder) -> io::Result<Inventory> {
     for path in names {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name == LOCK_FILE || name.ends_with(VALID_SUFFIX) {
+            continue;
+        }
+        if name == journal::OTLP_DIR && path.is_dir() {
+            found.otlp_journal = fs::metadata(path.join(journal::FILE_NAME)).ok().map(|m| m.len());
             continue;
         }
         if name.ends_with(UNREADABLE_SUFFIX) {
@@ -152,6 +159,9 @@ fn spool_check(dir: &Path, holder: Holder, found: Inventory, options: Options) -
             Holder::Nobody => "no server holds it",
         }
     );
+    if let Some(bytes) = found.otlp_journal {
+        detail.push_str(&format!("; OTLP journal (spans of incomplete traces): {bytes} bytes"));
+    }
     let mut notes = Vec::new();
     if found.corrupt_regions > 0 {
         notes.push(format!("{} damaged frame regions (skipped at the next start)", found.corrupt_regions));

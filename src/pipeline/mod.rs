@@ -42,10 +42,12 @@
 //! [`envelope`] (a record in flight, batches, outcomes), [`queue`] (the bounded memory
 //! queue), [`stats`] (counters, drop reasons), `health` (is the database taking writes),
 //! `shared` (spill and drop), `stage` (work done on the way in), `writer` (the batch writers), [`logger`] (the producer's
-//! handle, start and shutdown), [`spool`] (the disk spool).
+//! handle, start and shutdown), [`spool`] (the disk spool), [`journal`] (a keyed durable
+//! buffer for work that is not a record yet: the OTLP receiver's incomplete traces).
 
 pub mod envelope;
 mod health;
+pub mod journal;
 pub mod logger;
 pub mod queue;
 mod shared;
@@ -56,6 +58,7 @@ mod writer;
 
 pub use envelope::{Batch, Envelope, Origin, Outcome};
 pub(crate) use health::backoff;
+pub use journal::{Journal, JournalError, Replayed};
 pub use logger::{AuditLogger, Durable, LoggerBuilder, NotDurable, ShutdownReport};
 pub use queue::MemoryQueue;
 pub use spool::{Spool, SpoolError, SpoolRef, SpoolStats, Spooled};

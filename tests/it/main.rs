@@ -7,14 +7,18 @@ mod common;
 
 mod chain;
 mod cli;
+mod dashboard;
 mod doctor;
 mod export;
 mod fault;
 mod ingest_http;
+mod layer;
 mod limits;
 mod metrics;
+mod otlp;
 mod pg_cluster;
 mod pipeline;
+mod proxy;
 mod query;
 mod retention;
 mod risk;

@@ -218,14 +218,23 @@ pub async fn wait_for_count(store: &dyn Store, n: u64) {
 /// `serve` does (it migrates the database). With `spool.enabled` (the default), the
 /// spool lives in a temporary directory owned by the returned app.
 pub async fn spawn_app_with(db: &TestDb, mut config: Config) -> TestApp {
-    config.database.url = Some(db.url.clone());
-    config.server.listen = "127.0.0.1:0".parse().expect("loopback address");
     let mut spool_dir = None;
     if config.spool.enabled {
         let dir = tempfile::tempdir().expect("spool temp dir");
         config.spool.dir = dir.path().to_path_buf();
         spool_dir = Some(dir);
     }
+    let mut app = spawn_app_keeping_spool(db, config).await;
+    app._spool_dir = spool_dir;
+    app
+}
+
+/// Starts the service over `db` with `config` as it is: the spool (if enabled) stays in
+/// `config.spool.dir`, for tests that restart a service on the same directory.
+pub async fn spawn_app_keeping_spool(db: &TestDb, mut config: Config) -> TestApp {
+    config.database.url = Some(db.url.clone());
+    config.server.listen = "127.0.0.1:0".parse().expect("loopback address");
+    let spool_dir = None;
     let app = Application::build(config, false).await.expect("build the application");
     let address = format!("http://{}", app.local_addr());
     let (logger, store) = (app.logger(), app.store());
