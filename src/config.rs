@@ -893,17 +893,7 @@ impl Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, rule) in self.masking.rules.iter().enumerate() {
             let key = format!("audit.masking.rules[{i}]");
-            let invalid_name = rule.name.is_empty()
-                || !rule.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            if invalid_name {
-                return Err(invalid(
-                    format!("{key}.name"),
-                    format!("`{}`: use lowercase letters, digits and `_`", rule.name),
-                ));
-            }
-            if !names.insert(&rule.name) {
-                return Err(invalid(format!("{key}.name"), format!("`{}` is used by another rule", rule.name)));
-            }
+            check_rule_name(&key, &rule.name, &mut names)?;
             if let Err(e) = regex::Regex::new(&rule.regex) {
                 return Err(invalid(format!("{key}.regex"), format!("invalid pattern: {e}")));
             }
@@ -915,17 +905,7 @@ impl Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, rule) in self.risk.rules.iter().enumerate() {
             let key = format!("audit.risk.rules[{i}]");
-            let invalid_name = rule.name.is_empty()
-                || !rule.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            if invalid_name {
-                return Err(invalid(
-                    format!("{key}.name"),
-                    format!("`{}`: use lowercase letters, digits and `_`", rule.name),
-                ));
-            }
-            if !names.insert(&rule.name) {
-                return Err(invalid(format!("{key}.name"), format!("`{}` is used by another rule", rule.name)));
-            }
+            check_rule_name(&key, &rule.name, &mut names)?;
             if let Err(e) = regex::Regex::new(&rule.pattern) {
                 return Err(invalid(format!("{key}.pattern"), format!("rule `{}`: invalid pattern: {e}", rule.name)));
             }
@@ -1033,6 +1013,22 @@ impl Config {
 }
 
 /// A [`ConfigError::Key`] found by validation (not from a particular source).
+/// A custom rule's name (masking or risk) is a new `snake_case` word: it becomes a label
+/// in `/metrics` and the name in markers and verdicts.
+fn check_rule_name<'a>(
+    key: &str,
+    name: &'a str,
+    names: &mut std::collections::BTreeSet<&'a str>,
+) -> Result<(), ConfigError> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(invalid(format!("{key}.name"), format!("`{name}`: use lowercase letters, digits and `_`")));
+    }
+    if !names.insert(name) {
+        return Err(invalid(format!("{key}.name"), format!("`{name}` is used by another rule")));
+    }
+    Ok(())
+}
+
 fn invalid(key: String, message: String) -> ConfigError {
     ConfigError::Key { key, origin: String::new(), message }
 }

@@ -226,6 +226,23 @@ impl OtlpReceiver {
         }
     }
 
+    /// The body as a request of one signal, and its encoding (the answer's too); or the
+    /// answer refusing it (`415`, `413`, `400`).
+    fn decode<T>(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        decode_request: fn(&[u8], Encoding) -> Result<T, decode::DecodeError>,
+    ) -> Result<(T, Encoding), ExportOutcome> {
+        let encoding =
+            decode::encoding_of(content_type).map_err(|e| ExportOutcome::decode_error(&e, Encoding::Json))?;
+        decode::decompress(body, content_encoding, self.inner.limits.max_body_bytes)
+            .and_then(|bytes| decode_request(&bytes, encoding))
+            .map(|request| (request, encoding))
+            .map_err(|e| ExportOutcome::decode_error(&e, encoding))
+    }
+
     /// Answers `POST /v1/traces`.
     pub async fn export_traces(
         &self,
@@ -233,15 +250,9 @@ impl OtlpReceiver {
         content_type: Option<&str>,
         content_encoding: Option<&str>,
     ) -> ExportOutcome {
-        let encoding = match decode::encoding_of(content_type) {
-            Ok(e) => e,
-            Err(e) => return ExportOutcome::decode_error(&e, Encoding::Json),
-        };
-        let request = match decode::decompress(body, content_encoding, self.inner.limits.max_body_bytes)
-            .and_then(|bytes| decode::decode_traces(&bytes, encoding))
-        {
-            Ok(r) => r,
-            Err(e) => return ExportOutcome::decode_error(&e, encoding),
+        let (request, encoding) = match self.decode(body, content_type, content_encoding, decode::decode_traces) {
+            Ok(decoded) => decoded,
+            Err(refused) => return refused,
         };
         let logger = &self.inner.logger;
         if !logger.has_spool() && !logger.is_store_ready() {
@@ -354,15 +365,9 @@ impl OtlpReceiver {
         content_type: Option<&str>,
         content_encoding: Option<&str>,
     ) -> ExportOutcome {
-        let encoding = match decode::encoding_of(content_type) {
-            Ok(e) => e,
-            Err(e) => return ExportOutcome::decode_error(&e, Encoding::Json),
-        };
-        let request = match decode::decompress(body, content_encoding, self.inner.limits.max_body_bytes)
-            .and_then(|bytes| decode::decode_logs(&bytes, encoding))
-        {
-            Ok(r) => r,
-            Err(e) => return ExportOutcome::decode_error(&e, encoding),
+        let (request, encoding) = match self.decode(body, content_type, content_encoding, decode::decode_logs) {
+            Ok(decoded) => decoded,
+            Err(refused) => return refused,
         };
         let records: usize =
             request.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
