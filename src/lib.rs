@@ -31,4 +31,5 @@ pub mod proxy;
 pub mod query;
 pub mod retention;
 pub mod risk;
+pub mod server;
 pub mod store;

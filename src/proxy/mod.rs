@@ -28,17 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::config::{redact_url, Config};
 use crate::model::Status;
 use crate::pipeline::AuditLogger;
+use crate::server::{self, ServeLimits};
 
 pub mod audit;
 pub mod forward;
@@ -48,7 +45,7 @@ pub mod strip;
 pub use identity::Identity;
 
 /// The error of a body the proxy sends.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::server::BoxError;
 /// The body type of everything the proxy sends (either way).
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -155,7 +152,7 @@ impl ProxyStats {
 pub struct Proxy {
     listener: TcpListener,
     forwarder: Arc<forward::Forwarder>,
-    header_read_timeout: Duration,
+    limits: ServeLimits,
     stats: Arc<ProxyStats>,
 }
 
@@ -201,7 +198,13 @@ impl Proxy {
             verifies_jwt = secret.is_some(),
             "auditing proxy listening"
         );
-        Ok(Some(Proxy { listener, forwarder, header_read_timeout: config.limits.header_read_timeout, stats }))
+        let limits = ServeLimits {
+            listener: "proxy",
+            max_connections: config.limits.max_connections,
+            header_read_timeout: config.limits.header_read_timeout,
+            grace: None,
+        };
+        Ok(Some(Proxy { listener, forwarder, limits, stats }))
     }
 
     /// The address the proxy listens on.
@@ -216,46 +219,15 @@ impl Proxy {
 
     /// Serves until `shutdown`, then stops accepting and lets exchanges in flight finish
     /// for up to `grace`; those still running then are cut (and recorded `cancelled`).
+    /// The listener has the API's connection limit and header timeout
+    /// (`audit.limits.max_connections`, `header_read_timeout`), its own count.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static, grace: Duration) {
-        let Proxy { listener, forwarder, header_read_timeout, stats: _ } = self;
-        let mut builder = Builder::new(TokioExecutor::new()).http1_only();
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-        let graceful = GracefulShutdown::new();
-        let mut connections = JoinSet::new();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the proxy could not accept a connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                () = &mut shutdown => break,
-            };
-            let _ = stream.set_nodelay(true);
+        let Proxy { listener, forwarder, limits, stats: _ } = self;
+        let limits = ServeLimits { grace: Some(grace), ..limits };
+        let service_for = |peer| {
             let forwarder = forwarder.clone();
-            let service = hyper::service::service_fn(move |request| forwarder.clone().handle(request, peer));
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-            let connection = graceful.watch(connection);
-            connections.spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%peer, error = %e, "a proxied connection ended with an error");
-                }
-            });
-        }
-        drop(listener);
-        let open = graceful.count();
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-            tracing::warn!(
-                open,
-                ?grace,
-                "proxied requests still running at shutdown after the grace period are cut (recorded as cancelled)"
-            );
-        }
-        connections.shutdown().await;
+            hyper::service::service_fn(move |request| forwarder.clone().handle(request, peer))
+        };
+        server::serve(listener, service_for, limits, shutdown).await;
     }
 }

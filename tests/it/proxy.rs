@@ -777,3 +777,48 @@ async fn an_agent_that_keeps_its_own_session_is_followed() {
     assert_eq!(records(&*app.store).await[0].session_id, agent_session);
     app.stop().await;
 }
+
+/// The proxy's listener has the API's connection limit, counted on its own: one
+/// connection too many is answered `503` at once (not left in the backlog), and a freed
+/// slot forwards again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_answers_a_connection_over_its_limit_with_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::sqlite();
+    let (agent_url, _agent) = start_agent().await;
+    let app = spawn_proxy(&db, &agent_url, |c| c.limits.max_connections = 2).await;
+    let address = app.proxy.trim_start_matches("http://").to_string();
+    let mut first = tokio::net::TcpStream::connect(&address).await.expect("connect 1");
+    first.write_all(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("request on 1");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await.expect("answer").expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let second = tokio::net::TcpStream::connect(&address).await.expect("connect 2");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let client = reqwest::Client::new();
+    let response = tokio::time::timeout(Duration::from_secs(2), client.get(app.url("/api/version")).send())
+        .await
+        .expect("answered at once, not left waiting")
+        .expect("an answer");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    let answer: Value = response.json().await.expect("a JSON error");
+    assert_eq!(answer["error"]["code"], "too_many_connections", "{answer}");
+    // The API's own listener counts its connections apart: it still answers.
+    assert_eq!(client.get(format!("{}/healthz", app.api)).send().await.expect("healthz").status(), 200);
+
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client.get(app.url("/api/version")).send().await.expect("version").status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(std::time::Instant::now() < deadline, "no slot freed 5 s after a connection closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(first);
+    app.stop().await;
+}
