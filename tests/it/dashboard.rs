@@ -210,6 +210,14 @@ impl Browser {
     }
 }
 
+/// A test that fails midway never reaches `close`: the driver still goes with it.
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
 /// A question in Chinese whose tool calls and session the test follows.
 const CHINESE_QUESTION: &str = "订单服务的数据库连接池耗尽了吗？";
 /// Text that would run script if it ever reached the page as HTML.
