@@ -213,6 +213,9 @@
       clear(document.getElementById('main')).appendChild(content);
       document.body.dataset.state = 'ready';
       document.body.dataset.renderMs = String(Math.round(performance.now() - started));
+      // Since the navigation began (the page's time origin): on a fresh load, the time a
+      // person waits for this view, assets and API answer included.
+      document.body.dataset.readyMs = String(Math.round(performance.now()));
     } catch (error) {
       if (mine !== generation) return;
       showError(error);
