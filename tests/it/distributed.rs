@@ -444,6 +444,7 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_startup_error() {
     let mut args = FieldTable::default();
     args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
     args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(3));
+    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(format!("{QUEUE}.dlx").into()));
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     channel.queue_declare(ShortString::from(QUEUE), durable, args).await.expect("declare a conflicting queue");
     amqp.close(200, ShortString::from("done")).await.ok();
