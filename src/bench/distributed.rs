@@ -30,7 +30,7 @@ use crate::distributed::{BrokerSink, Worker};
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, Stage};
 use crate::risk::RiskClassifier;
-use crate::store::{self, BatchSink, Backend, Store};
+use crate::store::{self, Backend, BatchSink, Store};
 
 /// The broker used when neither `--amqp-url` nor `audit.distributed.amqp_url` says.
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

@@ -164,14 +164,13 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| DistributedError::from_lapin(url, "declaring the dead-letter exchange", &self.queue, &e))?;
-            let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-            channel
-                .queue_declare(self.dead_letter_queue.as_str().into(), queue_options, quorum())
-                .await
                 .map_err(|e| {
-                    DistributedError::from_lapin(url, "declaring the dead-letter queue", &self.dead_letter_queue, &e)
+                    DistributedError::from_lapin(url, "declaring the dead-letter exchange", &self.queue, &e)
                 })?;
+            let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+            channel.queue_declare(self.dead_letter_queue.as_str().into(), queue_options, quorum()).await.map_err(
+                |e| DistributedError::from_lapin(url, "declaring the dead-letter queue", &self.dead_letter_queue, &e),
+            )?;
             channel
                 .queue_bind(
                     self.dead_letter_queue.as_str().into(),

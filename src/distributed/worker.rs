@@ -270,7 +270,10 @@ impl Worker {
         };
         let channel = connection.create_channel().await.map_err(lapin_err("opening a channel"))?;
         self.topology.declare(&channel, &self.url).await?;
-        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(lapin_err("setting the prefetch"))?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(lapin_err("setting the prefetch"))?;
         let tag = format!("opsagent-audit-worker-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let mut consumer = channel
             .basic_consume(

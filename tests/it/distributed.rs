@@ -73,7 +73,8 @@ impl WorkerProc {
         let mut worker = WorkerProc { child: ChildGuard(child), port, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let health = reqwest::Client::new().get(worker.url("/healthz")).timeout(Duration::from_secs(2)).send().await;
+            let health =
+                reqwest::Client::new().get(worker.url("/healthz")).timeout(Duration::from_secs(2)).send().await;
             if health.is_ok_and(|r| r.status() == 200) {
                 return worker;
             }
@@ -223,7 +224,11 @@ async fn assert_exactly_stored(url: &str, acked: &BTreeSet<Uuid>) {
             assert_eq!(extra, 0, "{extra} stored records were never acknowledged");
             return;
         }
-        assert!(Instant::now() < deadline, "{missing} of {} acknowledged records missing after {SETTLE:?}", acked.len());
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acknowledged records missing after {SETTLE:?}",
+            acked.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -139,7 +139,11 @@ impl RabbitBroker {
                     panic!("rabbitmq-server exited at start-up with {status}:\n{}", self.log_tail());
                 }
             }
-            assert!(Instant::now() < deadline, "private RabbitMQ did not start within {START_TIMEOUT:?}:\n{}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "private RabbitMQ did not start within {START_TIMEOUT:?}:\n{}",
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
