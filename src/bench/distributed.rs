@@ -5,7 +5,9 @@
 //! workers run in this process, on the same cores a deployment on one machine would
 //! share; on two cores the figure that matters is the overhead, not the scaling.
 //!
-//! Records/s is timed from the first record logged to the last one stored. The
+//! Records/s is timed from the first record logged to the last one stored; with
+//! `--rate` the producer offers records at that pace (below capacity the latency is the
+//! path's own, flooded it is mostly waiting in queues). The
 //! latency is enqueue → commit as the database saw it: each record's `created_at` is
 //! set when it is logged, and `ingested_at` is the start of the transaction that
 //! stored it (so the commit itself, a few milliseconds, is not counted, alike in every
@@ -49,6 +51,10 @@ pub struct DistributedBenchArgs {
     /// The broker [default: audit.distributed.amqp_url, else the local broker as guest].
     #[arg(long, value_name = "URL", env = "AUDIT_BENCH_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
+    /// Records per second the producer offers (0: as fast as the pipeline takes them).
+    /// Below capacity, the latency is the path's own; flooded, it is mostly queueing.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Skip the COPY baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -82,9 +88,10 @@ pub async fn run_distributed(config: &Config, args: DistributedBenchArgs) -> any
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "opsagent-audit bench distributed: {} interactions per phase, seed {}, broker {}, queue {}, prefetch {}, \
-         batch {}",
+        "opsagent-audit bench distributed: {} interactions per phase ({}), seed {}, broker {}, queue {}, \
+         prefetch {}, batch {}",
         args.records,
+        if args.rate > 0 { format!("offered at {}/s", args.rate) } else { "flood".to_owned() },
         args.seed,
         crate::config::redact_url(&amqp_url),
         distributed.queue,
@@ -194,6 +201,11 @@ async fn run_phase(
     let started_at = Utc::now();
     let started = Instant::now();
     for i in 0..args.records {
+        if args.rate > 0 {
+            // Paced: record i is due i/rate seconds after the start.
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let mut record = workload.record(i);
         record.created_at = Utc::now();
         bytes += payload_bytes(&record) as u64;
@@ -258,6 +270,7 @@ async fn delete_queues(config: &DistributedConfig) {
                 lapin::options::ExchangeDeleteOptions::default(),
             )
             .await;
+        let _ = channel.close(200, "bench done".into()).await;
     }
     let _ = connection.close(200, "bench done".into()).await;
 }

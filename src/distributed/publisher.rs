@@ -63,7 +63,10 @@ impl BrokerSink {
 
     /// Closes the connection (at shutdown, after the pipeline drained).
     pub async fn close(&self) {
-        self.lock_idle().clear();
+        let idle: Vec<Channel> = std::mem::take(&mut *self.lock_idle());
+        for channel in idle {
+            let _ = channel.close(200, ShortString::from("shutting down")).await;
+        }
         if let Some(connection) = self.connection.lock().await.take() {
             // The broker may be gone already; nothing is waiting on this connection.
             let _ = connection.close(200, ShortString::from("shutting down")).await;

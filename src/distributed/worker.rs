@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tokio::time::Instant;
@@ -292,6 +294,23 @@ impl Worker {
             prefetch = self.prefetch,
             "consuming"
         );
+        let end = self.consume_batches(&channel, &mut consumer, shutdown).await;
+        if end.is_ok() {
+            // Stop deliveries first, then close the channel: what was prefetched and not
+            // in hand goes back to the queue now, before the connection closes.
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel.close(200, ShortString::from("worker stopping")).await;
+        }
+        end
+    }
+
+    /// Gathers, writes and acknowledges batches until shutdown or a broker error.
+    async fn consume_batches(
+        &self,
+        channel: &Channel,
+        consumer: &mut lapin::Consumer,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, DistributedError> {
         loop {
             let first = tokio::select! {
                 biased;
@@ -307,7 +326,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let left = self.handle(&channel, batch, shutdown).await?;
+            let left = self.handle(channel, batch, shutdown).await?;
             if left > 0 {
                 return Ok(SessionEnd::Shutdown { left });
             }
