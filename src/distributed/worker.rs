@@ -2,8 +2,8 @@
 //! database, acknowledging each delivery only once its record is safe there.
 //!
 //! One connection and one channel per worker process. The loop gathers a batch (the
-//! first delivery, then whatever else arrives within `audit.async.batch_interval_ms`, up
-//! to the prefetch), writes it through a pipeline of its own (sink: the store; no spool:
+//! first delivery, then whatever else arrives without a pause of 10 ms, for at most
+//! `audit.async.batch_interval_ms`, up to the prefetch), writes it through a pipeline of its own (sink: the store; no spool:
 //! the broker is this worker's buffer; no stages: producers masked the records), waits
 //! for every record's outcome and acknowledges. Batches are handled one at a time, so a
 //! `multiple` ack of the batch's highest delivery tag acknowledges exactly this batch.
@@ -41,6 +41,9 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the worker's own pipeline waits to fill a batch. The worker hands it whole
 /// batches at once, so waiting would only add latency.
 const PIPELINE_LINGER_MS: u64 = 1;
+
+/// A pause in deliveries this long ends the batch being gathered.
+const GATHER_IDLE: Duration = Duration::from_millis(10);
 
 /// The worker's counters, read by `/metrics`.
 #[derive(Debug, Default)]
@@ -318,10 +321,13 @@ impl Worker {
                 next = consumer.next() => next,
             };
             let mut batch = vec![next_delivery(first, &self.url)?];
-            // Gather what else has come, up to the prefetch, for one transaction.
+            // Gather what else comes, up to the prefetch, for one transaction: until the
+            // deliveries pause for GATHER_IDLE (a producer's batch arrives as one burst,
+            // so waiting longer would only add latency) or `gather` has passed.
             let until = Instant::now() + self.gather;
             while batch.len() < usize::from(self.prefetch) {
-                match tokio::time::timeout_at(until, consumer.next()).await {
+                let wait = until.min(Instant::now() + GATHER_IDLE);
+                match tokio::time::timeout_at(wait, consumer.next()).await {
                     Ok(next) => batch.push(next_delivery(next, &self.url)?),
                     Err(_) => break,
                 }
