@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -100,10 +101,24 @@ async fn metrics_text(State(state): State<WorkerState>) -> Response {
     }
 }
 
-/// Ready: the database prepared and taking writes, and consuming from the broker.
+/// How long `/readyz` waits for the database to answer.
+const READINESS_PROBE: Duration = Duration::from_secs(3);
+
+/// Ready: the database prepared and answering now (asked, as `serve`'s `/readyz` asks,
+/// so an idle worker whose database went away is not reported ready), and consuming
+/// from the broker.
 async fn readyz(State(state): State<WorkerState>) -> Response {
     let pipeline = state.worker.logger().snapshot();
-    match state.worker.not_ready() {
+    let not_ready = match state.worker.not_ready() {
+        Some(reason) => Some(reason),
+        None => match tokio::time::timeout(READINESS_PROBE, state.worker.store().readiness()).await {
+            Ok(Ok(r)) if r.is_ready() => None,
+            Ok(Ok(r)) => Some(format!("migrations {:?} are not applied", r.pending_migrations)),
+            Ok(Err(e)) => Some(format!("database unavailable: {e}")),
+            Err(_) => Some(format!("the database did not answer within {READINESS_PROBE:?}")),
+        },
+    };
+    match not_ready {
         None => (StatusCode::OK, Json(json!({ "status": "ready", "pipeline": pipeline }))).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

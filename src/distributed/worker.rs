@@ -30,6 +30,7 @@ use super::message;
 use super::topology::{self, DistributedError, Topology};
 use crate::config::{redact_url, AsyncConfig, Config};
 use crate::model::Interaction;
+use crate::pipeline::stats::RateLimitedLog;
 use crate::pipeline::{backoff, AuditLogger, Outcome, ShutdownReport};
 use crate::store::{self, Store};
 
@@ -99,6 +100,9 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     /// Why the worker is not ready yet (the database), `None` once it is.
     not_ready: std::sync::Mutex<Option<String>>,
+    /// One "not a record" line a second at most: a publisher sending garbage in a loop
+    /// must not flood the log (the counter has every one).
+    undecodable_log: RateLimitedLog,
 }
 
 impl std::fmt::Debug for Worker {
@@ -142,6 +146,7 @@ impl Worker {
             logger,
             stats: Arc::new(WorkerStats::default()),
             not_ready: std::sync::Mutex::new(Some("starting".into())),
+            undecodable_log: RateLimitedLog::new(Duration::from_secs(1)),
         })
     }
 
@@ -357,12 +362,15 @@ impl Worker {
             match message::decode(&delivery.properties, &delivery.data) {
                 Ok(record) => records.push((delivery.delivery_tag, record)),
                 Err(e) => {
-                    tracing::error!(
-                        delivery_tag = delivery.delivery_tag,
-                        message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()),
-                        error = %e,
-                        "message is not an audit record; rejecting it to the dead-letter exchange"
-                    );
+                    self.undecodable_log.log(|suppressed| {
+                        tracing::error!(
+                            delivery_tag = delivery.delivery_tag,
+                            message_id = ?delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()),
+                            error = %e,
+                            suppressed,
+                            "message is not an audit record; rejecting it to the dead-letter exchange"
+                        )
+                    });
                     channel
                         .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
                         .await
