@@ -111,6 +111,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The OpenTelemetry trace receiver (`POST /v1/traces`).
     pub otlp: OtlpConfig,
+    /// Distributed mode: publish to RabbitMQ instead of writing the database.
+    pub distributed: DistributedConfig,
 }
 
 impl Default for Config {
@@ -130,6 +132,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             proxy: ProxyConfig::default(),
             otlp: OtlpConfig::default(),
+            distributed: DistributedConfig::default(),
         }
     }
 }
@@ -773,6 +776,70 @@ impl ProxyConfig {
     }
 }
 
+/// The address `worker` serves `/metrics`, `/healthz` and `/readyz` on when nothing is
+/// configured (beside the API's 8427 and the proxy's 8428).
+pub const DEFAULT_WORKER_LISTEN: &str = "127.0.0.1:8429";
+
+/// `audit.distributed`: distributed mode. Off unless `amqp_url` is set; then `serve` (and
+/// every path into its pipeline) publishes masked records to the RabbitMQ queue `queue`
+/// instead of writing the database, and `worker` processes consume them into it.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// The broker, `amqp://user:password@host:port/vhost` (`AUDIT_DISTRIBUTED_AMQP_URL`;
+    /// the password is never logged).
+    pub amqp_url: Option<String>,
+    /// The durable quorum queue records travel through; its dead-letter exchange and
+    /// queue are named after it (`<queue>.dlx`, `<queue>.dead`).
+    pub queue: String,
+    /// Deliveries a worker holds unacknowledged at once, and so the largest batch it
+    /// writes: about one batch (`audit.async.batch_size`).
+    pub prefetch: u16,
+    /// How long a producer waits for the broker to confirm a batch before it counts the
+    /// broker as unavailable (and the records go to the spool).
+    #[serde(with = "humantime_serde_req")]
+    pub confirm_timeout: Duration,
+    /// Deliveries of one message before the broker dead-letters it (`x-delivery-limit`):
+    /// a message that keeps killing its workers stops going round.
+    pub delivery_limit: u32,
+    /// Address `worker` serves `/metrics`, `/healthz` and `/readyz` on
+    /// (`worker --listen`).
+    pub worker_listen: SocketAddr,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            amqp_url: None,
+            queue: "opsagent-audit".into(),
+            prefetch: 500,
+            confirm_timeout: Duration::from_secs(10),
+            delivery_limit: 20,
+            worker_listen: DEFAULT_WORKER_LISTEN.parse().expect("default worker address is valid"),
+        }
+    }
+}
+
+impl std::fmt::Debug for DistributedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistributedConfig")
+            .field("amqp_url", &self.amqp_url.as_deref().map(redact_url))
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("worker_listen", &self.worker_listen)
+            .finish()
+    }
+}
+
+impl DistributedConfig {
+    /// True when distributed mode is on (`amqp_url` set).
+    pub fn is_enabled(&self) -> bool {
+        self.amqp_url.is_some()
+    }
+}
+
 /// Overrides given on the command line; they win over everything else.
 #[derive(Debug, Clone, Default)]
 pub struct CliOverrides {
@@ -784,6 +851,8 @@ pub struct CliOverrides {
     pub proxy_upstream: Option<String>,
     /// `serve --proxy-listen`.
     pub proxy_listen: Option<SocketAddr>,
+    /// `worker --listen`.
+    pub worker_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -831,6 +900,9 @@ impl Config {
         }
         if let Some(listen) = cli.proxy_listen {
             config.proxy.listen = listen;
+        }
+        if let Some(listen) = cli.worker_listen {
+            config.distributed.worker_listen = listen;
         }
         config.validate()?;
         Ok(config)
@@ -883,6 +955,7 @@ impl Config {
         self.validate_risk()?;
         self.validate_auth()?;
         self.validate_proxy()?;
+        self.validate_distributed()?;
         self.retention.cleanup_time_of_day()?;
         self.retention.zone()?;
         positive("retention.batch_size", u64::from(self.retention.batch_size))?;
@@ -936,6 +1009,38 @@ impl Config {
                 "audit.alerts".into(),
                 "max_per_minute and max_attempts must be greater than 0".into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_distributed(&self) -> Result<(), ConfigError> {
+        let d = &self.distributed;
+        if let Some(url) = &d.amqp_url {
+            // amqps:// would be retried for ever: this build's AMQP client has no TLS.
+            if !url.starts_with("amqp://") {
+                return Err(invalid(
+                    "audit.distributed.amqp_url".into(),
+                    format!(
+                        "`{}`: expected amqp://user:password@host:port/vhost (amqps:// is not supported by this build)",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        if d.queue.trim().is_empty() || d.queue.len() > 200 || d.queue.starts_with("amq.") {
+            return Err(invalid(
+                "audit.distributed.queue".into(),
+                "must be a queue name of 1 to 200 characters, not starting with `amq.` (reserved by RabbitMQ)".into(),
+            ));
+        }
+        if d.prefetch == 0 {
+            return Err(invalid("audit.distributed.prefetch".into(), "must be greater than 0".into()));
+        }
+        if d.confirm_timeout.as_millis() == 0 {
+            return Err(invalid("audit.distributed.confirm_timeout".into(), "must be greater than 0".into()));
+        }
+        if d.delivery_limit == 0 {
+            return Err(invalid("audit.distributed.delivery_limit".into(), "must be greater than 0".into()));
         }
         Ok(())
     }
@@ -1116,6 +1221,8 @@ fn is_text_key(key: &str) -> bool {
             | "audit.retention.archive_dir"
             | "audit.proxy.upstream"
             | "audit.proxy.jwt_secret_env"
+            | "audit.distributed.amqp_url"
+            | "audit.distributed.queue"
     )
 }
 
@@ -1365,6 +1472,44 @@ audit:
         let c = Config::load_from(None, Vec::new(), &CliOverrides::default()).unwrap();
         assert_eq!(c.database.resolved_url().unwrap(), DEFAULT_DATABASE_URL);
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn distributed_mode_is_off_by_default_its_keys_are_read_and_the_password_never_shown() {
+        let c = load("", &[]).unwrap();
+        assert!(!c.distributed.is_enabled());
+        assert_eq!(c.distributed.queue, "opsagent-audit");
+        assert_eq!(c.distributed.worker_listen.to_string(), DEFAULT_WORKER_LISTEN);
+        let c = load(
+            "",
+            &[
+                ("AUDIT_DISTRIBUTED_AMQP_URL", "amqp://audit:s3cret@broker:5672/%2f"),
+                ("AUDIT_DISTRIBUTED_QUEUE", "1234"),
+                ("AUDIT_DISTRIBUTED_PREFETCH", "250"),
+                ("AUDIT_DISTRIBUTED_CONFIRM_TIMEOUT", "3s"),
+                ("AUDIT_DISTRIBUTED_DELIVERY_LIMIT", "7"),
+            ],
+        )
+        .unwrap();
+        assert!(c.distributed.is_enabled());
+        assert_eq!(c.distributed.queue, "1234", "a queue name of digits stays text");
+        assert_eq!(c.distributed.prefetch, 250);
+        assert_eq!(c.distributed.confirm_timeout, Duration::from_secs(3));
+        assert_eq!(c.distributed.delivery_limit, 7);
+        let shown = format!("{:?}", c.distributed);
+        assert!(!shown.contains("s3cret") && shown.contains("audit:***@broker"), "{shown}");
+        for (yaml, key) in [
+            ("amqp_url: http://broker", "audit.distributed.amqp_url"),
+            ("amqp_url: amqps://u:s3cret@broker", "audit.distributed.amqp_url"),
+            ("queue: amq.mine", "audit.distributed.queue"),
+            ("prefetch: 0", "audit.distributed.prefetch"),
+            ("confirm_timeout: 0s", "audit.distributed.confirm_timeout"),
+            ("delivery_limit: 0", "audit.distributed.delivery_limit"),
+        ] {
+            let err = load(&format!("audit:\n  distributed:\n    {yaml}\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! and [`layer`] → [`ingest`], [`query`], [`retention`] and [`export`] → [`pipeline`] →
 //! [`store`] → [`model`] and [`config`] ([`retention`] uses [`export`]'s Parquet encoder
 //! beside it). [`doctor`] sits above [`pipeline`] (it reads the spool's files) and
-//! [`store`].
+//! [`store`]. [`distributed`] (RabbitMQ: the producer's sink and `worker`) sits below
+//! [`api`] and [`cli`] and above [`pipeline`] and [`store`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod distributed;
 pub mod doctor;
 pub mod export;
 pub mod ingest;

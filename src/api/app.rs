@@ -24,13 +24,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{router, serve, AppState, Authenticator};
 use crate::config::{redact_url, Config, ConfigError};
+use crate::distributed::{BrokerSink, DistributedError};
 use crate::ingest::otlp::{OtlpReceiver, ReceiverError};
 use crate::mask::{MaskError, Masker};
 use crate::pipeline::{backoff, AuditLogger, ShutdownReport, Spool, SpoolError};
 use crate::proxy::{Proxy, ProxyError, ProxyStats};
 use crate::retention::{spawn_scheduler, Schedule};
 use crate::risk::{alert, detect, RiskClassifier, RiskError};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, BatchSink, Store, StoreError};
 
 /// How long start-up waits for the database before it starts without it (and keeps
 /// trying in the background).
@@ -73,6 +74,10 @@ pub enum AppError {
     /// The OTLP receiver's journal could not be opened.
     #[error(transparent)]
     Otlp(#[from] ReceiverError),
+    /// Distributed mode cannot start: the queue exists with other arguments, or the
+    /// broker refuses access (an unreachable broker is waited out, spooling).
+    #[error("distributed mode (RabbitMQ)")]
+    Distributed(#[from] DistributedError),
     /// The listen address could not be bound.
     #[error("binding {addr}")]
     Bind {
@@ -98,6 +103,8 @@ pub struct Engine {
     startup: Option<JoinHandle<()>>,
     /// Stops the start-up retries at shutdown.
     stop: CancellationToken,
+    /// Distributed mode's sink, which the pipeline writes to instead of the store.
+    broker: Option<Arc<BrokerSink>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -126,7 +133,16 @@ impl Engine {
                 (Some(in_flight), Some(format!("the database did not answer within {FIRST_ATTEMPT:?}; still trying")))
             }
         };
-        let logger = start_pipeline(config, store.clone(), masker.clone(), risk.clone(), not_ready.as_ref()).await?;
+        let broker = start_broker(config).await?;
+        let logger = match &broker {
+            // Distributed: the pipeline publishes; the database is only read here, so its
+            // readiness does not hold the writers back.
+            Some(broker) => {
+                let sink: Arc<dyn BatchSink> = broker.clone();
+                start_pipeline(config, sink, masker.clone(), risk.clone(), None).await?
+            }
+            None => start_pipeline(config, store.clone(), masker.clone(), risk.clone(), not_ready.as_ref()).await?,
+        };
         let stop = CancellationToken::new();
         let startup = match not_ready {
             None => {
@@ -140,11 +156,14 @@ impl Engine {
                     spool = logger.has_spool(),
                     "database not ready at start-up; going on anyway, retrying in the background"
                 );
-                let task = wait_for_database(store.clone(), logger.clone(), migrate, in_flight, stop.clone());
+                // In distributed mode the pipeline's health is the broker's, not the
+                // database's: the retries must not mark it down.
+                let gate = if broker.is_some() { AuditLogger::disabled() } else { logger.clone() };
+                let task = wait_for_database(store.clone(), gate, migrate, in_flight, stop.clone());
                 Some(tokio::spawn(task))
             }
         };
-        Ok(Engine { logger, store, masker, risk, startup, stop })
+        Ok(Engine { logger, store, masker, risk, startup, stop, broker })
     }
 
     /// The pipeline to log through. Cheap to clone.
@@ -165,6 +184,9 @@ impl Engine {
             let _ = startup.await;
         }
         let report = self.logger.shutdown(deadline).await;
+        if let Some(broker) = &self.broker {
+            broker.close().await;
+        }
         self.store.close().await;
         if report.abandoned > 0 {
             tracing::error!(
@@ -313,13 +335,34 @@ impl Application {
     }
 }
 
+/// Distributed mode's sink (`audit.distributed.amqp_url` set, auditing on), connected
+/// and with the topology declared if the broker answers now. A broker that does not
+/// answer is not a start-up failure (records are spooled until it does); a queue
+/// declared with other arguments, or a refusal, is.
+async fn start_broker(config: &Config) -> Result<Option<Arc<BrokerSink>>, AppError> {
+    if !config.distributed.is_enabled() || !config.enabled {
+        return Ok(None);
+    }
+    let broker = Arc::new(BrokerSink::new(&config.distributed)?);
+    match broker.check().await {
+        Ok(()) => tracing::info!(queue = %config.distributed.queue, "distributed mode: publishing records to RabbitMQ"),
+        Err(e) if e.is_transient() => tracing::warn!(
+            error = %e,
+            spool = config.spool.enabled,
+            "distributed mode: RabbitMQ not reachable at start-up; going on, records wait in the spool"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Some(broker))
+}
+
 /// Opens the spool (if configured) and starts the pipeline with masking (unless
 /// `audit.masking.enabled` is off) and then risk classification (unless
 /// `audit.risk.enabled` is off), waiting for the database when `not_ready` says why it
 /// is not ready.
 async fn start_pipeline(
     config: &Config,
-    store: Arc<dyn Store>,
+    sink: Arc<dyn BatchSink>,
     masker: Option<Arc<Masker>>,
     risk: Option<Arc<RiskClassifier>>,
     not_ready: Option<&String>,
@@ -339,7 +382,7 @@ async fn start_pipeline(
         tracing::warn!("audit.spool.enabled is false: records live only in memory until committed");
         None
     };
-    let mut builder = AuditLogger::builder(store, &config.pipeline, &config.limits)
+    let mut builder = AuditLogger::builder(sink, &config.pipeline, &config.limits)
         .spool(spool)
         .waiting_for(not_ready.map(|r| r.as_str()));
     match masker {
@@ -412,20 +455,9 @@ fn attempt_result(joined: Result<Result<(), String>, tokio::task::JoinError>) ->
     joined.unwrap_or_else(|e| Err(format!("start-up task failed: {e}")))
 }
 
-/// Gets the database ready for writes: migrates it, or (without `migrate`) checks that
-/// every migration is applied. The error says why not, for logs and `/readyz`.
+/// Gets the database ready for writes (see [`store::prepare`]).
 async fn prepare_database(store: Arc<dyn Store>, migrate: bool) -> Result<(), String> {
-    if migrate {
-        return store.migrate().await.map_err(|e| e.to_string());
-    }
-    match store.readiness().await {
-        Ok(r) if r.is_ready() => Ok(()),
-        Ok(r) => Err(format!(
-            "migrations {:?} are not applied and migrate_on_start is off: run `opsagent-audit migrate`",
-            r.pending_migrations
-        )),
-        Err(e) => Err(e.to_string()),
-    }
+    store::prepare(store.as_ref(), migrate).await
 }
 
 /// Waits for the attempt still `in_flight` from start-up (if any), then retries

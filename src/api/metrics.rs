@@ -21,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::auth::Refusal;
 use super::AppState;
+use crate::distributed::WorkerStats;
 use crate::ingest::otlp::receiver::OtlpStats;
 use crate::mask::Masker;
 use crate::pipeline::{AuditLogger, StatsSnapshot};
@@ -172,6 +173,11 @@ impl Metrics {
             stats.upstream_seconds.clone(),
         );
         self.registry.register_collector(Box::new(ProxyCollector { stats }));
+    }
+
+    /// Reports a distributed-mode worker's counters too (`opsagent-audit worker`).
+    pub fn register_worker(&mut self, stats: Arc<WorkerStats>) {
+        self.registry.register_collector(Box::new(WorkerCollector { stats }));
     }
 
     /// Counts a refused request.
@@ -404,6 +410,43 @@ impl Collector for OtlpCollector {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
+        Ok(())
+    }
+}
+
+/// Reads a worker's counters at scrape time.
+#[derive(Debug)]
+struct WorkerCollector {
+    stats: Arc<WorkerStats>,
+}
+
+impl Collector for WorkerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        for (name, help, counter) in [
+            ("worker_deliveries", "Messages received from RabbitMQ", &s.deliveries),
+            ("worker_redelivered", "Messages the broker had given to a consumer before", &s.redelivered),
+            (
+                "worker_acknowledged",
+                "Messages acknowledged after their record was committed, found stored or dead-lettered",
+                &s.acknowledged,
+            ),
+            ("worker_requeued", "Messages handed back to the queue because their record was not written", &s.requeued),
+            ("worker_undecodable", "Messages rejected to the dead-letter exchange: not audit records", &s.undecodable),
+            ("worker_batches", "Batches written and acknowledged", &s.batches),
+            ("worker_broker_errors", "Connections to RabbitMQ lost or refused", &s.broker_errors),
+        ] {
+            let counter = ConstCounter::new(counter.load(Relaxed));
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let consuming = ConstGauge::new(i64::from(s.consuming.load(Relaxed)));
+        consuming.encode(encoder.encode_descriptor(
+            "worker_consuming",
+            "1 while connected to RabbitMQ and consuming",
+            None,
+            consuming.metric_type(),
+        )?)?;
         Ok(())
     }
 }

@@ -32,12 +32,14 @@ pub mod metrics;
 mod otlp;
 mod read;
 mod serve;
+mod worker;
 
 pub use app::{AppError, Application, Engine};
 pub use auth::{AuthError, Authenticator, Caller};
 pub use error::{ApiError, ErrorBody};
 pub use ingest::{IngestResponse, RecordResult, RecordStatus};
 pub use metrics::Metrics;
+pub use worker::WorkerApp;
 
 /// How long `/readyz` waits for the database to answer.
 const READINESS_PROBE: Duration = Duration::from_secs(3);

@@ -6,12 +6,14 @@
 //! in the Parquet archive), `bench retention` (insert latency while a large clean-up
 //! deletes in batches), `bench proxy` (the auditing proxy's latency against calling
 //! a stub agent directly), `bench otlp` (the workload as OpenTelemetry traces to
-//! `/v1/traces` against the same records to `/api/v1/interactions`). Each prints a
+//! `/v1/traces` against the same records to `/api/v1/interactions`), `bench distributed`
+//! (serve's pipeline → RabbitMQ → 1 and 2 workers, against direct mode and `COPY`). Each prints a
 //! table, then one machine-readable last line.
 //!
 //! Files: [`ingest`], [`copy`] (the baseline), [`outage`], [`query`], [`storage`],
 //! [`mask`](mod@mask), [`retention`](mod@retention), [`load`] (loading at scale, for
 //! `query`, `storage` and `retention`), [`proxy`](mod@proxy), [`otlp`](mod@otlp),
+//! [`distributed`](mod@distributed),
 //! [`workload`] (the standard workload of SPEC.md).
 
 use std::time::Duration;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 pub mod copy;
+pub mod distributed;
 pub mod ingest;
 pub mod load;
 pub mod mask;
@@ -30,6 +33,7 @@ pub mod retention;
 pub mod storage;
 pub mod workload;
 
+pub use distributed::{run_distributed, DistributedBenchArgs};
 pub use ingest::{run_ingest, IngestBenchArgs};
 pub use mask::{run_mask, MaskBenchArgs};
 pub use otlp::{run_otlp, OtlpBenchArgs};

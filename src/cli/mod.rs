@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `query`, `show`, `stats`, `export`, `verify`,
-//! `doctor`, `retention run`, `mask --test`, `risk --test`, `bench`.
+//! `doctor`, `retention run`, `mask --test`, `risk --test`, `bench`, `worker`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::api::Application;
+use crate::api::{Application, WorkerApp};
 use crate::config::{redact_url, CliOverrides, Config, LogFormat};
 use crate::model::id_from_key;
 use crate::store::{self, Store};
@@ -49,6 +49,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server (ingest API, reads, health).
     Serve(ServeArgs),
+    /// Distributed mode's writer: consume records from RabbitMQ
+    /// (`audit.distributed.*`) and write them to the database, acknowledging each only
+    /// after its transaction committed. Serves `/metrics`, `/healthz` and `/readyz`.
+    Worker(WorkerArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// List interactions, newest first, with filters.
@@ -114,6 +118,15 @@ pub struct ServeArgs {
     pub proxy_listen: Option<SocketAddr>,
 }
 
+/// `worker` options.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Address of the worker's `/metrics`, `/healthz` and `/readyz` [default:
+    /// 127.0.0.1:8429]; overrides `audit.distributed.worker_listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
 /// `bench` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -138,6 +151,9 @@ pub enum BenchCommand {
     /// The standard workload as OpenTelemetry traces to `POST /v1/traces` of a server in
     /// this process, against the same records to `POST /api/v1/interactions`.
     Otlp(crate::bench::OtlpBenchArgs),
+    /// Distributed mode (PostgreSQL, RabbitMQ): serve's pipeline → RabbitMQ → 1 and 2
+    /// workers, against direct mode and `COPY` in the same run.
+    Distributed(crate::bench::DistributedBenchArgs),
 }
 
 impl Command {
@@ -166,7 +182,17 @@ impl Cli {
             Command::Serve(args) => (args.listen, args.proxy_upstream.clone(), args.proxy_listen),
             _ => (None, None, None),
         };
-        let overrides = CliOverrides { database_url: self.database_url.clone(), listen, proxy_upstream, proxy_listen };
+        let worker_listen = match &self.command {
+            Command::Worker(args) => args.listen,
+            _ => None,
+        };
+        let overrides = CliOverrides {
+            database_url: self.database_url.clone(),
+            listen,
+            proxy_upstream,
+            proxy_listen,
+            worker_listen,
+        };
         let mut config = Config::load(self.config.as_deref(), &overrides).context("loading configuration")?;
         if let Some(format) = self.log_format {
             config.server.log_format = format;
@@ -179,6 +205,7 @@ impl Cli {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(config, args).await,
+        Command::Worker(_) => worker(config).await,
         Command::Migrate => {
             let store = open_store(&config).await?;
             store.migrate().await.context("applying migrations")?;
@@ -215,6 +242,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Retention(args)) => crate::bench::run_retention(&config, args).await,
         Command::Bench(BenchCommand::Proxy(args)) => crate::bench::run_proxy(&config, args).await,
         Command::Bench(BenchCommand::Otlp(args)) => crate::bench::run_otlp(&config, args).await,
+        Command::Bench(BenchCommand::Distributed(args)) => crate::bench::run_distributed(&config, args).await,
     }
 }
 
@@ -267,6 +295,21 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     }
     let app = Application::build(config, args.insecure).await?;
     app.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn worker(config: Config) -> anyhow::Result<()> {
+    let app = WorkerApp::build(&config).await?;
+    if let Some(address) = app.local_addr() {
+        tracing::info!(address = %address, "worker's /metrics, /healthz and /readyz listening");
+    }
+    let report = app.run_until(shutdown_signal()).await?;
+    if report.left_in_queue > 0 {
+        tracing::warn!(
+            deliveries = report.left_in_queue,
+            "the batch in hand was not written before the shutdown deadline; the broker gives it to another worker"
+        );
+    }
     Ok(())
 }
 

@@ -364,6 +364,22 @@ pub(crate) fn list_statement_for_explain(filter: &Filter, limit: u32) -> String 
     sql::postgres_literal(&sql::select_page(Backend::Postgres, filter, None, limit + 1))
 }
 
+/// Gets the database ready for writes: migrates it, or (without `migrate`) checks that
+/// every migration is applied. The error says why not, for logs and readiness checks.
+pub async fn prepare(store: &dyn Store, migrate: bool) -> Result<(), String> {
+    if migrate {
+        return store.migrate().await.map_err(|e| e.to_string());
+    }
+    match store.readiness().await {
+        Ok(r) if r.is_ready() => Ok(()),
+        Ok(r) => Err(format!(
+            "migrations {:?} are not applied and migrate_on_start is off: run `opsagent-audit migrate`",
+            r.pending_migrations
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Opens the configured store (`audit.database.*`). Does not migrate.
 pub async fn open(config: &DatabaseConfig) -> Result<Arc<dyn Store>, StoreError> {
     connect(&config.resolved_url()?, config).await

@@ -8,6 +8,7 @@ mod common;
 mod chain;
 mod cli;
 mod dashboard;
+mod distributed;
 mod doctor;
 mod export;
 mod fault;

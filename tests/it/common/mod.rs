@@ -1,7 +1,8 @@
 //! Test helpers, in one place: a fresh PostgreSQL database per test (as `sqlx::test`
 //! does), SQLite temp files, `spawn_app` starting the service the way `serve` does
 //! ([`Application::build`]) on a free loopback port, the real binary as a child process
-//! ([`server`]), private PostgreSQL clusters for fault tests ([`pg_cluster`]), free ports
+//! ([`server`]), private PostgreSQL clusters for fault tests ([`pg_cluster`]), private
+//! RabbitMQ brokers for the distributed-mode tests ([`rabbit`]), free ports
 //! and bounded waiting.
 //!
 //! PostgreSQL comes from `AUDIT_TEST_DATABASE_URL` when set, else the machine's server on
@@ -9,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod pg_cluster;
+pub mod rabbit;
 pub mod server;
 pub mod spool;
 
