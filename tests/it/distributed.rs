@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use opsagent_audit::config::Config;
 use opsagent_audit::model::Interaction;
 use opsagent_audit::pipeline::Durable;
 
+use crate::common::load::{post, Load};
 use crate::common::pg_cluster::PgCluster;
 use crate::common::rabbit::{exclusive, RabbitBroker};
 use crate::common::server::{bin, ChildGuard, Server, ServerBuilder};
@@ -141,13 +141,7 @@ impl WorkerProc {
     }
 }
 
-/// Steady load on `serve`: each task posts `per_request` records every `interval` and
-/// keeps the ids acknowledged.
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<BTreeSet<Uuid>>>,
-}
-
+/// The `i`-th record of load task `task`; its answer holds a secret masking must catch.
 fn record(task: usize, i: usize) -> Value {
     json!({
         "interaction_id": Uuid::now_v7(),
@@ -158,56 +152,6 @@ fn record(task: usize, i: usize) -> Value {
         "tool_calls": [{"tool_name": "kubectl", "tool_input": "get pods",
                         "tool_observation": "y".repeat(800), "sequence_number": 1, "duration_ms": 12}],
     })
-}
-
-/// Posts `body` and returns the acknowledged ids.
-async fn post(client: &reqwest::Client, url: &str, body: &[Value]) -> BTreeSet<Uuid> {
-    let mut acked = BTreeSet::new();
-    let Ok(response) = client.post(url).json(&body).send().await else { return acked };
-    let status = response.status().as_u16();
-    let Ok(answer) = response.json::<Value>().await else { return acked };
-    assert!(status == 202 || status == 503, "unexpected answer {status}: {answer}");
-    for result in answer["results"].as_array().into_iter().flatten() {
-        if result["status"] == "accepted" {
-            acked.insert(result["interaction_id"].as_str().expect("accepted id").parse().expect("uuid"));
-        }
-    }
-    acked
-}
-
-impl Load {
-    fn start(port: u16, tasks: usize, per_request: usize, interval: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..tasks)
-            .map(|t| {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let client = reqwest::Client::builder().timeout(Duration::from_secs(40)).build().expect("client");
-                    let url = format!("http://127.0.0.1:{port}/api/v1/interactions");
-                    let mut acked = BTreeSet::new();
-                    let mut tick = tokio::time::interval(interval);
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        tick.tick().await;
-                        let body: Vec<Value> = (0..per_request).map(|_| record(t, i)).collect();
-                        i += per_request;
-                        acked.extend(post(&client, &url, &body).await);
-                    }
-                    acked
-                })
-            })
-            .collect();
-        Load { stop, tasks }
-    }
-
-    async fn finish(self) -> BTreeSet<Uuid> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut acked = BTreeSet::new();
-        for task in self.tasks {
-            acked.extend(task.await.expect("load task"));
-        }
-        acked
-    }
 }
 
 /// The stored ids and the number of rows.
@@ -273,7 +217,7 @@ async fn two_workers_share_a_steady_load_nothing_lost_nothing_duplicated() {
     );
     a.wait_ready().await;
     b.wait_ready().await;
-    let load = Load::start(producer.port, 3, 20, Duration::from_millis(50));
+    let load = Load::start(producer.port, 3, 20, Duration::from_millis(50), record);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (by_a, by_b) = (a.acknowledged().await, b.acknowledged().await);
     assert!(by_a > 0 && by_b > 0, "both workers take a share: {by_a} and {by_b}");
@@ -281,7 +225,7 @@ async fn two_workers_share_a_steady_load_nothing_lost_nothing_duplicated() {
     // b takes the rest.
     assert_eq!(tokio::task::block_in_place(|| a.terminate()), Some(0), "{}", a.log_text());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let acked = load.finish().await;
+    let (acked, _) = load.finish().await;
     assert_exactly_stored(&db.url, &acked).await;
     assert_masked(&db.url).await;
     assert_eq!(tokio::task::block_in_place(|| b.terminate()), Some(0), "{}", b.log_text());
@@ -328,7 +272,7 @@ async fn a_worker_killed_mid_batch_leaves_its_deliveries_to_the_other() {
     let producer = start_producer(work.path(), &db.url, &broker.url()).await;
     let victim = WorkerProc::start(work.path(), &db.url, &broker.url()).await;
     victim.wait_ready().await;
-    let load = Load::start(producer.port, 3, 25, Duration::from_millis(40));
+    let load = Load::start(producer.port, 3, 25, Duration::from_millis(40), record);
     // Kill it while it is busy: it has written batches and holds deliveries in hand.
     let deadline = Instant::now() + Duration::from_secs(30);
     while victim.acknowledged().await < 300 {
@@ -338,7 +282,7 @@ async fn a_worker_killed_mid_batch_leaves_its_deliveries_to_the_other() {
     victim.signal("KILL");
     let survivor = WorkerProc::start(work.path(), &db.url, &broker.url()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let acked = load.finish().await;
+    let (acked, _) = load.finish().await;
     assert_exactly_stored(&db.url, &acked).await;
     let redelivered = survivor.metric("opsagent_audit_worker_redelivered_total").await;
     assert!(redelivered > 0.0, "the survivor got none of the killed worker's deliveries:\n{}", survivor.log_text());
@@ -354,7 +298,7 @@ async fn the_broker_stopped_for_15s_under_load_producers_spool_then_forward() {
     let producer = start_producer(work.path(), &db.url, &broker.url()).await;
     let worker = WorkerProc::start(work.path(), &db.url, &broker.url()).await;
     worker.wait_ready().await;
-    let load = Load::start(producer.port, 2, 20, Duration::from_millis(100));
+    let load = Load::start(producer.port, 2, 20, Duration::from_millis(100), record);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let broker = tokio::task::spawn_blocking(move || {
         broker.stop();
@@ -377,7 +321,7 @@ async fn the_broker_stopped_for_15s_under_load_producers_spool_then_forward() {
     .await
     .expect("restart broker");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let acked = load.finish().await;
+    let (acked, _) = load.finish().await;
     assert_exactly_stored(&db.url, &acked).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -401,7 +345,7 @@ async fn postgresql_stopped_for_15s_workers_hold_off_and_the_queue_keeps_the_rec
     let producer = start_producer(work.path(), &url, &broker.url()).await;
     let worker = WorkerProc::start(work.path(), &url, &broker.url()).await;
     worker.wait_ready().await;
-    let load = Load::start(producer.port, 2, 20, Duration::from_millis(100));
+    let load = Load::start(producer.port, 2, 20, Duration::from_millis(100), record);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || c.stop()).await.expect("stop cluster");
@@ -417,7 +361,7 @@ async fn postgresql_stopped_for_15s_workers_hold_off_and_the_queue_keeps_the_rec
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || c.restart()).await.expect("restart cluster");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let acked = load.finish().await;
+    let (acked, _) = load.finish().await;
     assert_exactly_stored(&url, &acked).await;
     drop((producer, worker));
 }

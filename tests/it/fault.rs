@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::free_port;
+use crate::common::load::Load;
 use crate::common::pg_cluster::PgCluster;
 use crate::common::server::{Server, ServerBuilder};
 use serde_json::{json, Value};
@@ -33,72 +33,18 @@ async fn start_server(port: u16, db_url: &str, spool: &Path, work: &Path, ack: &
         .await
 }
 
-/// Steady load: each task posts an array of `per_request` records every `interval` and
-/// keeps the ids the server acknowledged (202, or `accepted` inside a partial answer).
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(BTreeSet<Uuid>, usize)>>,
-}
-
-impl Load {
-    fn start(port: u16, tasks: usize, per_request: usize, interval: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..tasks)
-            .map(|t| {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let client = reqwest::Client::builder().timeout(Duration::from_secs(40)).build().expect("client");
-                    let url = format!("http://127.0.0.1:{port}/api/v1/interactions");
-                    let (mut acked, mut sent) = (BTreeSet::new(), 0usize);
-                    let mut tick = tokio::time::interval(interval);
-                    while !stop.load(Ordering::Relaxed) {
-                        tick.tick().await;
-                        let body: Vec<Value> = (0..per_request)
-                            .map(|i| {
-                                json!({
-                                    "interaction_id": Uuid::now_v7(),
-                                    "session_id": format!("load-{t}"),
-                                    "user_id": "fault-test",
-                                    "question": format!("question {i} from task {t}"),
-                                    "final_answer": "x".repeat(500),
-                                    "tool_calls": [{"tool_name": "kubectl", "tool_input": "get pods",
-                                                    "tool_observation": "y".repeat(1000), "sequence_number": 1,
-                                                    "duration_ms": 12}],
-                                })
-                            })
-                            .collect();
-                        sent += per_request;
-                        let Ok(response) = client.post(&url).json(&body).send().await else { continue };
-                        let status = response.status().as_u16();
-                        let Ok(answer) = response.json::<Value>().await else { continue };
-                        if status != 202 && status != 503 {
-                            panic!("unexpected answer {status}: {answer}");
-                        }
-                        for result in answer["results"].as_array().into_iter().flatten() {
-                            if result["status"] == "accepted" {
-                                let id = result["interaction_id"].as_str().expect("accepted id");
-                                acked.insert(id.parse().expect("uuid"));
-                            }
-                        }
-                    }
-                    (acked, sent)
-                })
-            })
-            .collect();
-        Load { stop, tasks }
-    }
-
-    async fn finish(self) -> (BTreeSet<Uuid>, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut acked = BTreeSet::new();
-        let mut sent = 0;
-        for task in self.tasks {
-            let (a, s) = task.await.expect("load task");
-            acked.extend(a);
-            sent += s;
-        }
-        (acked, sent)
-    }
+/// The `i`-th record of load task `t`.
+fn record(t: usize, i: usize) -> Value {
+    json!({
+        "interaction_id": Uuid::now_v7(),
+        "session_id": format!("load-{t}"),
+        "user_id": "fault-test",
+        "question": format!("question {i} from task {t}"),
+        "final_answer": "x".repeat(500),
+        "tool_calls": [{"tool_name": "kubectl", "tool_input": "get pods",
+                        "tool_observation": "y".repeat(1000), "sequence_number": 1,
+                        "duration_ms": 12}],
+    })
 }
 
 async fn stored(url: &str) -> (BTreeSet<Uuid>, u64) {
@@ -177,7 +123,7 @@ async fn database_stopped_for_20s_under_load_loses_nothing() {
     let s = setup().await;
     let port = free_port();
     let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
-    let load = Load::start(port, 2, 5, Duration::from_millis(25));
+    let load = Load::start(port, 2, 5, Duration::from_millis(25), record);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     blocking(&s.cluster, PgCluster::stop).await;
@@ -204,7 +150,7 @@ async fn connections_killed_mid_batch_lose_nothing() {
     let s = setup().await;
     let port = free_port();
     let server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
-    let load = Load::start(port, 2, 20, Duration::from_millis(20));
+    let load = Load::start(port, 2, 20, Duration::from_millis(20), record);
     let mut killed = 0;
     for _ in 0..15 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -222,7 +168,7 @@ async fn stop_under_load_then_restart_keeps_everything(signal: &str, ack: &str) 
     let s = setup().await;
     let port = free_port();
     let mut server = start_server(port, &s.url, &s.spool, s.work.path(), ack).await;
-    let load = Load::start(port, 2, 20, Duration::from_millis(20));
+    let load = Load::start(port, 2, 20, Duration::from_millis(20), record);
     tokio::time::sleep(Duration::from_secs(3)).await;
     server.signal(signal);
     let status = server.wait_exit(Duration::from_secs(40)).await;
@@ -256,7 +202,7 @@ async fn a_torn_spool_tail_after_a_kill_is_truncated_counted_and_the_rest_replay
     let mut server = start_server(port, &s.url, &s.spool, s.work.path(), "durable").await;
     // With the database down everything acknowledged is in the spool.
     blocking(&s.cluster, PgCluster::stop).await;
-    let load = Load::start(port, 1, 10, Duration::from_millis(20));
+    let load = Load::start(port, 1, 10, Duration::from_millis(20), record);
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.signal("KILL");
     server.wait_exit(Duration::from_secs(10)).await;
@@ -299,7 +245,7 @@ async fn serve_started_while_the_database_is_down_comes_up_spools_then_migrates_
     let (status, body) = server.readyz().await;
     assert_eq!((status, body["status"].as_str()), (200, Some("degraded")), "{body}");
 
-    let load = Load::start(port, 2, 10, Duration::from_millis(25));
+    let load = Load::start(port, 2, 10, Duration::from_millis(25), record);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let spooled = server.readyz().await.1["pipeline"]["spool_records"].as_u64().unwrap_or_default();
     assert!(spooled > 100, "acknowledged records wait in the spool: {spooled}");

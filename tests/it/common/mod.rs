@@ -9,6 +9,7 @@
 //! 127.0.0.1:5432. If none answers, the test fails with what to start; it never skips.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod pg_cluster;
 pub mod rabbit;
 pub mod server;
