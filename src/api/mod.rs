@@ -219,8 +219,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
         // once, without another probe.
         return unavailable(app.logger.database_down().unwrap_or_else(|| "database not reached yet".into()));
     }
-    match tokio::time::timeout(READINESS_PROBE, app.store.readiness()).await {
-        Ok(Ok(r)) if r.is_ready() => match app.logger.database_down() {
+    match probe_database(app.store.as_ref()).await {
+        Ok(r) if r.is_ready() => match app.logger.database_down() {
             // The database answers a probe but batch writes still fail.
             Some(error) => unavailable(error),
             // Writes succeed but the spool is close to its limit: still taking records,
@@ -243,7 +243,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
                     .into_response()
             }
         },
-        Ok(Ok(r)) => (
+        Ok(r) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "migrations_pending",
@@ -252,8 +252,17 @@ async fn readyz(State(app): State<AppState>) -> Response {
             })),
         )
             .into_response(),
-        Ok(Err(e)) => unavailable(e.to_string()),
-        Err(_) => unavailable(format!("no answer within {READINESS_PROBE:?}")),
+        Err(error) => unavailable(error),
+    }
+}
+
+/// Asks the database whether it is ready (answering, migrations applied), waiting at
+/// most [`READINESS_PROBE`]; the error says why not. `serve`'s and `worker`'s `/readyz`.
+async fn probe_database(store: &dyn crate::store::Store) -> Result<crate::store::Readiness, String> {
+    match tokio::time::timeout(READINESS_PROBE, store.readiness()).await {
+        Ok(Ok(readiness)) => Ok(readiness),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {READINESS_PROBE:?}")),
     }
 }
 

@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -103,9 +102,6 @@ async fn metrics_text(State(state): State<WorkerState>) -> Response {
     }
 }
 
-/// How long `/readyz` waits for the database to answer.
-const READINESS_PROBE: Duration = Duration::from_secs(3);
-
 /// Ready: the database prepared and answering now (asked, as `serve`'s `/readyz` asks,
 /// so an idle worker whose database went away is not reported ready), and consuming
 /// from the broker.
@@ -113,11 +109,10 @@ async fn readyz(State(state): State<WorkerState>) -> Response {
     let pipeline = state.worker.logger().snapshot();
     let not_ready = match state.worker.not_ready() {
         Some(reason) => Some(reason),
-        None => match tokio::time::timeout(READINESS_PROBE, state.worker.store().readiness()).await {
-            Ok(Ok(r)) if r.is_ready() => None,
-            Ok(Ok(r)) => Some(format!("migrations {:?} are not applied", r.pending_migrations)),
-            Ok(Err(e)) => Some(format!("database unavailable: {e}")),
-            Err(_) => Some(format!("the database did not answer within {READINESS_PROBE:?}")),
+        None => match super::probe_database(state.worker.store().as_ref()).await {
+            Ok(r) if r.is_ready() => None,
+            Ok(r) => Some(format!("migrations {:?} are not applied", r.pending_migrations)),
+            Err(e) => Some(format!("database unavailable: {e}")),
         },
     };
     match not_ready {

@@ -15,7 +15,6 @@
 //! `direct_per_s=… distributed_1w_per_s=… distributed_2w_per_s=… copy_per_s=…
 //! direct_p99_ms=… distributed_1w_p50_ms=… distributed_1w_p99_ms=… distributed_2w_p99_ms=…`.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::copy::run_copy_baseline;
 use super::ingest::IngestBenchArgs;
-use super::{payload_bytes, peak_rss_bytes, PhaseResult, Workload};
+use super::{payload_bytes, peak_rss_bytes, phase_table, PhaseResult, Workload};
 use crate::config::{Config, DistributedConfig};
 use crate::distributed::{BrokerSink, Worker};
 use crate::mask::Masker;
@@ -124,33 +123,15 @@ pub async fn run_distributed(config: &Config, args: DistributedBenchArgs) -> any
     };
     store.close().await;
 
-    let mut table = String::new();
-    writeln!(
-        table,
-        "{:<16} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
-        "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
+    let table = phase_table(
+        &[
+            ("direct", Some(&direct)),
+            ("rabbitmq-1worker", Some(&one)),
+            ("rabbitmq-2worker", Some(&two)),
+            ("copy", baseline.as_ref()),
+        ],
+        16,
     )?;
-    let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
-    for (name, r) in [
-        ("direct", Some(&direct)),
-        ("rabbitmq-1worker", Some(&one)),
-        ("rabbitmq-2worker", Some(&two)),
-        ("copy", baseline.as_ref()),
-    ] {
-        let Some(r) = r else { continue };
-        writeln!(
-            table,
-            "{:<16} {:>9} {:>9.2} {:>11.0} {:>8.1} {:>9} {:>9} {:>12}",
-            name,
-            r.records,
-            r.elapsed.as_secs_f64(),
-            r.per_second(),
-            r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9),
-            ms(r.p50_us),
-            ms(r.p99_us),
-            r.peak_rss.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
-        )?;
-    }
     write!(out, "{table}")?;
     let ms_of = |us: Option<u64>| us.map_or(0.0, |v| v as f64 / 1000.0);
     writeln!(

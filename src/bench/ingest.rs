@@ -10,7 +10,6 @@
 //! security_ratio=…`, then `ingest_per_s=… copy_per_s=… ratio=…` (SQLite:
 //! `ingest_per_s=…`).
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use super::copy::run_copy_baseline;
-use super::{payload_bytes, peak_rss_bytes, tempfile_dir, PhaseResult, Workload};
+use super::{payload_bytes, peak_rss_bytes, phase_table, tempfile_dir, PhaseResult, Workload};
 use crate::config::{Config, LimitsConfig};
 use crate::mask::Masker;
 use crate::model::Interaction;
@@ -99,34 +98,16 @@ pub async fn run_ingest(config: &Config, args: IngestBenchArgs) -> anyhow::Resul
     };
     store.close().await;
 
-    let mut table = String::new();
-    writeln!(
-        table,
-        "{:<10} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
-        "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
+    let table = phase_table(
+        &[
+            ("plain", Some(&plain)),
+            ("no-risk", Some(&no_risk)),
+            ("pipeline", Some(&pipeline)),
+            ("durable", Some(&durable)),
+            ("copy", baseline.as_ref()),
+        ],
+        10,
     )?;
-    for (name, r) in [
-        ("plain", Some(&plain)),
-        ("no-risk", Some(&no_risk)),
-        ("pipeline", Some(&pipeline)),
-        ("durable", Some(&durable)),
-        ("copy", baseline.as_ref()),
-    ] {
-        let Some(r) = r else { continue };
-        let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
-        writeln!(
-            table,
-            "{:<10} {:>9} {:>9.2} {:>11.0} {:>8.1} {:>9} {:>9} {:>12}",
-            name,
-            r.records,
-            r.elapsed.as_secs_f64(),
-            r.per_second(),
-            r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9),
-            ms(r.p50_us),
-            ms(r.p99_us),
-            r.peak_rss.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
-        )?;
-    }
     write!(out, "{table}")?;
     writeln!(
         out,

@@ -68,6 +68,35 @@ impl PhaseResult {
     }
 }
 
+/// The table of phases `bench ingest` and `bench distributed` print: one row per phase
+/// that ran (`None`: skipped), names left-aligned in `name_width` columns.
+pub fn phase_table(phases: &[(&str, Option<&PhaseResult>)], name_width: usize) -> Result<String, std::fmt::Error> {
+    use std::fmt::Write as _;
+    let mut table = String::new();
+    writeln!(
+        table,
+        "{:<name_width$} {:>9} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}",
+        "phase", "records", "seconds", "records/s", "MB/s", "p50 ms", "p99 ms", "peak RSS MB"
+    )?;
+    let ms = |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
+    for (name, r) in phases {
+        let Some(r) = r else { continue };
+        writeln!(
+            table,
+            "{:<name_width$} {:>9} {:>9.2} {:>11.0} {:>8.1} {:>9} {:>9} {:>12}",
+            name,
+            r.records,
+            r.elapsed.as_secs_f64(),
+            r.per_second(),
+            r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9),
+            ms(r.p50_us),
+            ms(r.p99_us),
+            r.peak_rss.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+        )?;
+    }
+    Ok(table)
+}
+
 /// Peak resident set size of this process. Read from `/proc` (Linux) rather than a
 /// crate: one line of one file, and absent elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
